@@ -1,0 +1,3 @@
+"""spanflame node agent."""
+
+__version__ = "0.1.0"

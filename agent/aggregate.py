@@ -1,0 +1,152 @@
+"""Turning stack timelines into a Profile.
+
+A *piece* is a stretch of time during which one thread had one stack (and, once spans are linked,
+one innermost span). Its `wall` value is its duration; its `cpu` value is the thread's on-CPU time
+within it, from a `CpuTimeline`. Pieces with the same stack and labels aggregate into one sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from agent.model import SAMPLE_TYPES, Labels, Profile, Stack, make_labels
+from agent.timeline import CpuTimeline, Slice, ThreadTimeline
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    pid: int
+    tid: int
+    thread_name: str
+    start_ns: int
+    end_ns: int
+    stack: Stack
+    extra_labels: Labels = ()
+
+
+def thread_labels(pid: int, tid: int, thread_name: str, extra: Labels = ()) -> Labels:
+    """The per-sample labels every spanflame sample carries (pid and thread_id are numeric)."""
+    base = {"pid": pid, "thread_id": tid}
+    if thread_name:
+        base["thread_name"] = thread_name
+    if extra:
+        base.update(extra)
+    return make_labels(base)
+
+
+def change_points(slices: Sequence[Slice], cpu: CpuTimeline | None, tid: int,
+                  gap_ns: int) -> list[int]:
+    """Where, between consecutive observed stacks, the thread most likely switched.
+
+    py-spy reports a stack change at the first sample that shows the new stack; the switch
+    happened some time after the last sample of the old one, which (stacks being merged) we do
+    not know, except that it is about one sampling gap (`gap_ns`) before, and not before the old
+    slice began. In that window W we place the switch by what the thread was doing at the two
+    observations: a thread seen waiting (off CPU) and then running spent W's CPU on the new stack;
+    one seen running and then waiting spent it on the old stack; otherwise the midpoint (nearest
+    observation). Returns len(slices)+1 boundaries; gaps between slices keep their edges.
+    """
+    if not slices:
+        return []
+    bounds = [slices[0].start_ns]
+    for prev, cur in zip(slices, slices[1:]):
+        if prev.end_ns != cur.start_ns:
+            bounds.append(-1)  # not contiguous: handled by the caller with the raw edges
+            continue
+        w = min(prev.end_ns - prev.start_ns, gap_ns)
+        a1 = a2 = None
+        if cpu is not None:
+            a1 = cpu.activity(tid, prev.start_ns)
+            a2 = cpu.activity(tid, cur.start_ns)
+        f = 0.5 if a1 is None or a2 is None else (1.0 + a1 - a2) / 2.0
+        bounds.append(cur.start_ns - w + round(w * f))
+    bounds.append(slices[-1].end_ns)
+    return bounds
+
+
+def timeline_pieces(threads: Iterable[ThreadTimeline], cpu: CpuTimeline | None = None,
+                    rate_hz: int = 100) -> Iterable[Piece]:
+    """Pieces of every thread: its slices with switch points placed by `change_points`, clipped
+    at the thread's exit when known."""
+    gap_ns = round(1e9 / rate_hz)
+    for tl in threads:
+        exit_ns = cpu.exit_ns(tl.tid) if cpu is not None else None
+        sl = tl.slices
+        bounds = change_points(sl, cpu, tl.tid, gap_ns)
+        for i, s in enumerate(sl):
+            start = bounds[i] if bounds[i] >= 0 else s.start_ns
+            end = bounds[i + 1] if bounds[i + 1] >= 0 and i + 1 < len(sl) else s.end_ns
+            if exit_ns is not None:
+                end = min(end, exit_ns)
+            if end > start and s.stack:
+                yield Piece(tl.pid, tl.tid, tl.name, start, end, s.stack)
+
+
+def new_profile(types: Sequence[str], rate_hz: int, start_ns: int, end_ns: int) -> Profile:
+    """An empty profile with `samples/count` first, then `types`, period = 1/rate."""
+    period_ns = round(1e9 / rate_hz)
+    primary = types[0]
+    return Profile([SAMPLE_TYPES["samples"]] + [SAMPLE_TYPES[t] for t in types],
+                   period_type=SAMPLE_TYPES[primary], period=period_ns, time_ns=start_ns,
+                   duration_ns=max(0, end_ns - start_ns), default_sample_type=primary)
+
+
+def add_pieces(profile: Profile, pieces: Iterable[Piece], cpu: CpuTimeline | None) -> None:
+    """Aggregate pieces into `profile` as `cpu` and/or `wall` values."""
+    want_cpu = profile.has_type("cpu") and cpu is not None
+    want_wall = profile.has_type("wall")
+    label_cache: dict[tuple, Labels] = {}
+    for p in pieces:
+        values = {}
+        if want_cpu:
+            c = cpu.oncpu_ns(p.tid, p.start_ns, p.end_ns)
+            if c > 0:
+                values["cpu"] = c
+        if want_wall:
+            values["wall"] = p.end_ns - p.start_ns
+        if not values:
+            continue
+        lkey = (p.pid, p.tid, p.thread_name, p.extra_labels)
+        labels = label_cache.get(lkey)
+        if labels is None:
+            labels = label_cache[lkey] = thread_labels(p.pid, p.tid, p.thread_name, p.extra_labels)
+        profile.add(p.stack, labels, values)
+
+
+def add_counts(profile: Profile, counts: dict[tuple[int, str, Stack], int], pid: int,
+               type_name: str, count_samples: bool = True) -> None:
+    """Aggregate py-spy sample counts: each sample is worth one period of `type_name`.
+
+    With `count_samples`, the counts also go to `samples/count` (one run per profile does).
+    """
+    period = profile.period
+    for (tid, thread_name, stack), n in counts.items():
+        if stack and n:
+            values = {type_name: n * period}
+            if count_samples:
+                values["samples"] = n
+            profile.add(stack, thread_labels(pid, tid, thread_name), values)
+
+
+def fill_sample_counts(profile: Profile) -> None:
+    """Set `samples/count` to the sample's time value divided by the period, rounded.
+
+    Timeline-derived samples carry time, not discrete samples; the count is the number of samples
+    a sampler at the configured rate would have taken. The time value is the first non-zero
+    nanosecond value in sample-type order (cpu before the wait types).
+    """
+    if not profile.has_type("samples") or not profile.period:
+        return
+    si = profile.index("samples")
+    time_idx = [i for i, t in enumerate(profile.sample_types) if t.unit == "nanoseconds"]
+    if not time_idx:
+        return
+    period = profile.period
+    for vec in profile.samples.values():
+        if vec[si]:
+            continue
+        for i in time_idx:
+            if vec[i]:
+                vec[si] = (vec[i] + period // 2) // period
+                break

@@ -1,0 +1,230 @@
+"""The `spanflame` command line. It parses, wires and prints; the library below never does."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from agent import __version__
+from agent.errors import InputError, SpanflameError, UsageError
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"spanflame: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="spanflame")
+@click.option("-v", "--verbose", is_flag=True, help="Log what the agent does (to stderr).")
+def cli(verbose: bool) -> None:
+    """spanflame: why was this span slow, on CPU and off it."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# -- attach ---------------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("pid", type=int)
+@click.option("--duration", type=float, default=10.0, show_default=True, metavar="SECONDS",
+              help="How long to record; stops early (and still writes) when the target exits.")
+@click.option("--rate", type=int, default=100, show_default=True, metavar="HZ",
+              help="Sampling rate of py-spy.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="Output file; the format follows the extension: .pb.gz/.pb (pprof), .html "
+                   "(flame graph), .json (speedscope), .txt/.folded (folded stacks). "
+                   "Default: spanflame-<pid>-<time>.pb.gz")
+@click.option("--probes", default="cpu", show_default=True, metavar="LIST",
+              help="Comma-separated: cpu, wall (idle threads included), or all.")
+def attach(pid: int, duration: float, rate: int, output: str | None, probes: str) -> None:
+    """Profile the running Python process PID."""
+    from agent.attach import AttachOptions, attach as run_attach, parse_probes
+    from agent.output import check_writable, write_profile
+
+    options = AttachOptions(pid=pid, duration_s=duration, rate_hz=rate,
+                            probes=parse_probes(probes))
+    if output is None:
+        output = f"spanflame-{pid}-{time.strftime('%Y%m%dT%H%M%S')}.pb.gz"
+    check_writable(output)
+
+    progress = None
+    bar = None
+    if sys.stderr.isatty():
+        bar = click.progressbar(length=1000, label=f"profiling PID {pid}", file=sys.stderr,
+                                show_eta=True, width=30)
+        bar.__enter__()
+        done = [0]
+
+        def progress(frac: float) -> None:
+            step = int(frac * 1000) - done[0]
+            if step > 0:
+                bar.update(step)
+                done[0] += step
+    try:
+        result = run_attach(options, progress=progress)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    size = write_profile(result.profile, output, title=_title(pid),
+                         subtitle=_subtitle(result))
+    _summary(result, output, size)
+
+
+def _title(pid: int) -> str:
+    try:
+        import psutil
+        cmd = " ".join(psutil.Process(pid).cmdline())[:200]
+    except Exception:  # the target may be gone by now; the title is cosmetic
+        cmd = ""
+    return f"PID {pid}" + (f": {cmd}" if cmd else "")
+
+
+def _subtitle(result) -> str:
+    p = result.profile
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.time_ns / 1e9))
+    return (f"{when}, {result.elapsed_s:.1f} s at {1e9 / p.period:.0f} Hz, "
+            f"{result.threads} threads, spanflame {__version__}")
+
+
+def _summary(result, output: str, size: int) -> None:
+    from flamegraph.calltree import top_functions
+
+    p = result.profile
+    for note in result.notes:
+        click.echo(f"spanflame: note: {note}", err=True)
+    click.echo(f"wrote {output} ({_human_bytes(size)})")
+    primary = p.primary_type()
+    samples = p.total("samples") if p.has_type("samples") else 0
+    click.echo(f"  {result.elapsed_s:.1f} s, {samples} samples, {result.threads} threads, "
+               f"py-spy samples {result.recording.samples} (errors {result.recording.errors}), "
+               f"source: {result.source}")
+    total = p.total(primary) if primary else 0
+    top = top_functions(((s, v) for s, _l, v in p.iter_type(primary)), 5) if primary else []
+    if not total:
+        click.echo(f"  no {primary} samples")
+        return
+    click.echo(f"  top functions by self {primary}:")
+    for f in top:
+        if not f.self_value:
+            continue
+        where = f"{Path(f.filename).name}:{f.line}" if f.filename else ""
+        click.echo(f"    {100 * f.self_value / total:5.1f}%  {f.name}  {where}")
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+# -- render ---------------------------------------------------------------------------------
+
+#: Largest input `render` reads, in bytes.
+MAX_INPUT_BYTES = 1 << 30
+
+
+@cli.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="OUTPUT",
+              help="Output file: .html, .json (speedscope), .txt/.folded, .pb.gz/.pb.")
+@click.option("--type", "type_name", default=None, metavar="SAMPLE_TYPE",
+              help="Sample type to show (e.g. cpu, wall, lock_wait); default: the profile's own.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE",
+              help="Keep only samples with this label (repeatable), e.g. --tag thread_name=worker.")
+def render(input_path: str, output: str, type_name: str | None, tags: tuple[str, ...]) -> None:
+    """Convert a pprof profile to a flame graph, speedscope or folded stacks."""
+    from agent import pprof
+    from agent.output import check_writable, output_format, write_profile
+
+    filters = {}
+    for t in tags:
+        key, sep, value = t.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--tag {t!r} is not KEY=VALUE")
+        filters[key] = value
+    check_writable(output)
+    try:
+        size = os.path.getsize(input_path)
+        if size > MAX_INPUT_BYTES:
+            raise InputError(f"{input_path} is larger than {MAX_INPUT_BYTES} bytes")
+        with open(input_path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise InputError(f"cannot read {input_path}: {exc.strerror or exc}") from None
+    try:
+        profile = pprof.decode(data)
+    except SpanflameError as exc:
+        raise InputError(f"{input_path}: {exc}") from None
+    if type_name and not profile.has_type(type_name):
+        raise UsageError(f"{input_path} has no sample type {type_name!r}; it has: "
+                         + ", ".join(t.name for t in profile.sample_types))
+    if filters:
+        profile = profile.filtered(filters)
+    if type_name and output_format(output).startswith("pprof"):
+        keep = [t for t in profile.sample_types if t.name in (type_name, "samples")]
+        narrowed = type(profile)(keep, period_type=profile.period_type, period=profile.period,
+                                 time_ns=profile.time_ns, duration_ns=profile.duration_ns,
+                                 default_sample_type=type_name)
+        idx = [profile.index(t.name) for t in keep]
+        for (stack, labels), vec in profile.samples.items():
+            narrowed.add_vector(stack, labels, [vec[i] for i in idx])
+        profile = narrowed
+    size = write_profile(profile, output, type_name=type_name, title=Path(input_path).name)
+    click.echo(f"wrote {output} ({_human_bytes(size)}, {len(profile)} samples)")
+
+
+# -- doctor ---------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def doctor(as_json: bool) -> None:
+    """Check what this machine lets spanflame do, with a fix for each failing line."""
+    from agent.doctor import FAIL, as_json as to_json, run_checks
+
+    checks = run_checks()
+    if as_json:
+        click.echo(json.dumps(to_json(checks), indent=2))
+    else:
+        width = max(len(c.name) for c in checks)
+        for c in checks:
+            mark = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}[c.status]
+            click.echo(f"{mark}  {c.name:<{width}}  {c.detail}")
+            if c.hint and c.status != "ok":
+                click.echo(f"      {'':<{width}}  hint: {c.hint}")
+    if any(c.status == FAIL for c in checks):
+        sys.exit(1)
+
+
+def main() -> None:
+    """Console entry point: every SpanflameError becomes one line on stderr and an exit code."""
+    try:
+        rv = cli.main(standalone_mode=False)
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except SpanflameError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except BrokenPipeError:
+        sys.exit(1)
+    except Exception as exc:  # last resort: one line, never a traceback, unless asked for
+        if os.environ.get("SPANFLAME_DEBUG"):
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {exc} (set SPANFLAME_DEBUG=1 for details)")
+
+
+if __name__ == "__main__":
+    main()

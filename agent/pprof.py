@@ -1,0 +1,201 @@
+"""pprof (profile.proto) encoding and decoding for `Profile`.
+
+`encode` writes one pprof holding every sample type of a profile, with functions (name and file),
+locations (one line each), one mapping, labels and a string table whose entry 0 is "".
+`decode` reads pprof from any producer, validates every cross-reference and raises
+`ProfileDecodeError` with a reason instead of returning garbage.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+
+from google.protobuf.message import DecodeError
+
+from agent.errors import ProfileDecodeError
+from agent.model import Frame, Profile, SampleType, Stack
+from agent.proto import profile_pb2
+
+#: Largest decompressed pprof `decode` accepts by default (bytes).
+MAX_DECODED_BYTES = 256 * 1024 * 1024
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class _Strings:
+    __slots__ = ("index", "table")
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {"": 0}
+        self.table: list[str] = [""]
+
+    def __call__(self, s: str) -> int:
+        i = self.index.get(s)
+        if i is None:
+            i = self.index[s] = len(self.table)
+            self.table.append(s)
+        return i
+
+
+def encode(profile: Profile, *, compress: bool = True, mapping_file: str = "python") -> bytes:
+    """Serialise `profile` as pprof; gzip-compressed unless `compress` is False.
+
+    Samples whose values are all zero are left out.
+    """
+    st = _Strings()
+    pb = profile_pb2.Profile()
+    for t in profile.sample_types:
+        pb.sample_type.add(type=st(t.name), unit=st(t.unit))
+    if profile.period_type is not None:
+        pb.period_type.type = st(profile.period_type.name)
+        pb.period_type.unit = st(profile.period_type.unit)
+    pb.period = int(profile.period)
+    pb.time_nanos = int(profile.time_ns)
+    pb.duration_nanos = int(profile.duration_ns)
+    for c in profile.comments:
+        pb.comment.append(st(c))
+    if profile.default_sample_type:
+        pb.default_sample_type = st(profile.default_sample_type)
+    pb.mapping.add(id=1, filename=st(mapping_file), has_functions=True, has_filenames=True,
+                   has_line_numbers=True)
+
+    functions: dict[tuple[str, str], int] = {}
+    locations: dict[Frame, int] = {}
+    pb_functions = pb.function
+    pb_locations = pb.location
+
+    def location_id(frame: Frame) -> int:
+        loc = locations.get(frame)
+        if loc is not None:
+            return loc
+        fkey = (frame.name, frame.filename)
+        fid = functions.get(fkey)
+        if fid is None:
+            fid = functions[fkey] = len(functions) + 1
+            pb_functions.add(id=fid, name=st(frame.name), system_name=st(frame.name),
+                             filename=st(frame.filename))
+        loc = locations[frame] = len(locations) + 1
+        pb_locations.add(id=loc, mapping_id=1).line.add(function_id=fid, line=frame.line)
+        return loc
+
+    label_keys: dict[str, int] = {}
+    for (stack, labels), vec in profile.samples.items():
+        if not any(vec):
+            continue
+        sample = pb.sample.add()
+        sample.location_id.extend([location_id(f) for f in stack])
+        sample.value.extend(vec)
+        for key, value in labels:
+            k = label_keys.get(key)
+            if k is None:
+                k = label_keys[key] = st(key)
+            if isinstance(value, int):
+                sample.label.add(key=k, num=value)
+            elif value:
+                sample.label.add(key=k, str=st(value))
+    pb.string_table.extend(st.table)
+    raw = pb.SerializeToString()
+    return gzip.compress(raw, compresslevel=6) if compress else raw
+
+
+def decode(data: bytes, *, max_bytes: int = MAX_DECODED_BYTES) -> Profile:
+    """Parse pprof bytes (gzip-compressed or not) into a `Profile`.
+
+    Raises ProfileDecodeError with a one-line reason for anything that is not a valid pprof.
+    """
+    raw = _gunzip(data, max_bytes) if data[:2] == _GZIP_MAGIC else data
+    if len(raw) > max_bytes:
+        raise ProfileDecodeError(f"profile is larger than {max_bytes} bytes")
+    pb = profile_pb2.Profile()
+    try:
+        pb.ParseFromString(raw)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ProfileDecodeError(f"not a pprof profile ({exc or 'protobuf decode error'})") from None
+    return _from_pb(pb)
+
+
+def _gunzip(data: bytes, max_bytes: int) -> bytes:
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(data, max_bytes + 1)
+    except zlib.error as exc:
+        raise ProfileDecodeError(f"corrupt gzip data ({exc})") from None
+    if len(out) > max_bytes:
+        raise ProfileDecodeError(f"profile decompresses to more than {max_bytes} bytes")
+    if not d.eof:
+        raise ProfileDecodeError("truncated gzip data")
+    return out
+
+
+def _from_pb(pb: profile_pb2.Profile) -> Profile:
+    strings = list(pb.string_table)
+    if not strings or strings[0] != "":
+        raise ProfileDecodeError("not a pprof profile (string table must start with \"\")")
+    n = len(strings)
+
+    def s(i: int, what: str) -> str:
+        if not 0 <= i < n:
+            raise ProfileDecodeError(f"invalid pprof: {what} refers to string {i} of {n}")
+        return strings[i]
+
+    if not pb.sample_type:
+        raise ProfileDecodeError("not a pprof profile (no sample types)")
+    types = [SampleType(s(t.type, "sample_type"), s(t.unit, "sample_type unit"))
+             for t in pb.sample_type]
+    period_type = None
+    if pb.HasField("period_type") and (pb.period_type.type or pb.period_type.unit):
+        period_type = (s(pb.period_type.type, "period_type"), s(pb.period_type.unit, "period_type"))
+    default = s(pb.default_sample_type, "default_sample_type") or None
+    prof = Profile(types, period_type=period_type, period=pb.period, time_ns=pb.time_nanos,
+                   duration_ns=pb.duration_nanos,
+                   comments=[s(c, "comment") for c in pb.comment], default_sample_type=default)
+
+    functions: dict[int, tuple[str, str]] = {}
+    for f in pb.function:
+        functions[f.id] = (s(f.name, "function name"), s(f.filename, "function filename"))
+    mappings = {m.id: s(m.filename, "mapping filename") for m in pb.mapping}
+    locations: dict[int, tuple[Frame, ...]] = {}
+    for loc in pb.location:
+        frames = []
+        for line in loc.line:
+            fn = functions.get(line.function_id)
+            if fn is None:
+                raise ProfileDecodeError(
+                    f"invalid pprof: location {loc.id} refers to missing function {line.function_id}")
+            frames.append(Frame(fn[0], fn[1], max(0, line.line)))
+        if not frames:
+            where = mappings.get(loc.mapping_id, "")
+            name = f"0x{loc.address:x}"
+            frames.append(Frame(f"{where}+{name}" if where else name))
+        locations[loc.id] = tuple(frames)
+
+    ntypes = len(types)
+    samples = prof.samples
+    for sample in pb.sample:
+        if len(sample.value) != ntypes:
+            raise ProfileDecodeError(
+                f"invalid pprof: a sample has {len(sample.value)} values for {ntypes} sample types")
+        stack: list[Frame] = []
+        for lid in sample.location_id:
+            frames = locations.get(lid)
+            if frames is None:
+                raise ProfileDecodeError(f"invalid pprof: sample refers to missing location {lid}")
+            stack.extend(frames)
+        labels = {}
+        for lab in sample.label:
+            key = s(lab.key, "label key")
+            labels[key] = s(lab.str, "label value") if lab.str else lab.num
+        key = (tuple(stack), tuple(sorted(labels.items())))
+        vec = samples.get(key)
+        if vec is None:
+            samples[key] = list(sample.value)
+        else:
+            for i, v in enumerate(sample.value):
+                vec[i] += v
+    return prof
+
+
+def stack_key(stack: Stack) -> str:
+    """Root-first `a;b;c` form of a stack (used by folded output and tests)."""
+    return ";".join(f.name for f in reversed(stack))

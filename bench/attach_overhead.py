@@ -1,0 +1,130 @@
+"""Target slowdown under `spanflame attach` versus no profiler.
+
+One long-running target (N CPU-bound threads counting loop iterations) is measured in
+alternating stretches: no profiler, then `spanflame attach` for the same length, and so on.
+Each pair gives a throughput ratio (attached / not attached); we report the median. Pairs are
+adjacent in time in one process, so machine noise mostly cancels.
+
+    python -m bench.attach_overhead [--pairs 31] [--seconds 2] [--rate 100] [--threads 4]
+                                    [--probes cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.workloads import CPU_THREADS
+
+SPANFLAME = Path(sys.executable).parent / "spanflame"
+
+
+class Target:
+    def __init__(self, threads: int) -> None:
+        self.script = Path(tempfile.mkdtemp()) / "workload.py"
+        self.script.write_text(CPU_THREADS)
+        self.proc = subprocess.Popen([sys.executable, str(self.script), str(threads)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc.stdout.readline()
+        self.pid = self.proc.pid
+
+    def read(self) -> tuple[int, float]:
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        r = json.loads(self.proc.stdout.readline())
+        return r["ops"], r["t"]
+
+    def cpu_s(self) -> float:
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rate_during(self, action) -> tuple[float, float]:
+        """(ops per wall second, ops per CPU second of the target) during `action()`."""
+        c0 = self.cpu_s()
+        o0, t0 = self.read()
+        action()
+        o1, t1 = self.read()
+        c1 = self.cpu_s()
+        return (o1 - o0) / (t1 - t0), (o1 - o0) / max(1e-9, c1 - c0)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def bootstrap_ci(values: list[float], n: int = 2000, seed: int = 1) -> tuple[float, float]:
+    """95% bootstrap interval of the median: how far noise alone moves it."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(n))
+    return meds[int(0.025 * n)], meds[int(0.975 * n)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=31)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--rate", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--probes", default="cpu")
+    ap.add_argument("--aa", action="store_true",
+                    help="A/A run: both halves without a profiler, to show the noise floor")
+    args = ap.parse_args(argv)
+    out = Path(tempfile.mkdtemp()) / "p.pb.gz"
+    t = Target(args.threads)
+    try:
+        time.sleep(1.0)
+
+        def measure_idle() -> tuple[float, float]:
+            return t.rate_during(lambda: time.sleep(args.seconds))
+
+        def measure_attached() -> tuple[float, float]:
+            # The window starts once the CLI is up and py-spy is sampling, and ends before it
+            # writes its output: it measures steady-state sampling, not start-up.
+            prof = subprocess.Popen(
+                [str(SPANFLAME), "attach", str(t.pid), "--duration", str(args.seconds + 2.5),
+                 "--rate", str(args.rate), "--probes", args.probes, "-o", str(out)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.5)
+            r = t.rate_during(lambda: time.sleep(args.seconds))
+            prof.wait(timeout=120)
+            return r
+
+        if args.aa:
+            measure_attached = measure_idle  # noqa: F811
+        ratios, cpu_ratios = [], []
+        for i in range(args.pairs):
+            order = [("base", measure_idle), ("attached", measure_attached)]
+            if i % 2:
+                order.reverse()
+            res = {name: fn() for name, fn in order}
+            ratios.append(res["attached"][0] / res["base"][0])
+            cpu_ratios.append(res["attached"][1] / res["base"][1])
+            print(f"pair {i + 1}: base {res['base'][0]:.0f} ops/s, attached "
+                  f"{res['attached'][0]:.0f} ops/s, ratio {ratios[-1]:.4f} "
+                  f"(per CPU second {cpu_ratios[-1]:.4f})", flush=True)
+    finally:
+        t.close()
+    med = statistics.median(ratios)
+    lo, hi = bootstrap_ci(ratios)
+    summary = {"benchmark": "attach_overhead" + ("_aa" if args.aa else ""), "threads": args.threads, "rate_hz": args.rate,
+               "probes": args.probes, "pairs": args.pairs, "seconds": args.seconds,
+               "median_ratio": round(med, 4), "slowdown_pct": round((1 - med) * 100, 2),
+               "min_ratio": round(min(ratios), 4), "max_ratio": round(max(ratios), 4),
+               "median_ratio_ci95": [round(lo, 4), round(hi, 4)],
+               "median_ratio_per_cpu_s": round(statistics.median(cpu_ratios), 4)}
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

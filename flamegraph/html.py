@@ -1,0 +1,119 @@
+"""Self-contained interactive flame graph HTML (inline JS and CSS, no network).
+
+Profile strings are untrusted. They travel as JSON inside a `<script type="application/json">`
+element with `<`, `>` and `&` escaped, and the page's script only puts them into the DOM as text.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from functools import lru_cache
+from importlib import resources
+from typing import Sequence
+
+from agent.model import Profile
+from flamegraph.calltree import Node, profile_tree, top_functions
+
+#: Subtrees smaller than this share of the total are folded into their parent.
+DEFAULT_MIN_FRACTION = 1e-4
+#: Bound on untrusted names, in characters.
+MAX_NAME_CHARS = 300
+
+
+class _Strings:
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.table: list[str] = []
+
+    def __call__(self, s: str) -> int:
+        if len(s) > MAX_NAME_CHARS:
+            s = s[: MAX_NAME_CHARS - 1] + "…"
+        i = self.index.get(s)
+        if i is None:
+            i = self.index[s] = len(self.table)
+            self.table.append(s)
+        return i
+
+
+def _compact(root: Node, st: _Strings) -> list:
+    """Node -> [name, file, line, total, self, pruned, children], children sorted by name.
+
+    Iterative, so that deep stacks cannot hit the recursion limit.
+    """
+    def entry(n: Node) -> list:
+        return [st(n.name), st(n.filename), n.line, n.total, n.self_value, n.pruned, []]
+
+    top = entry(root)
+    todo = [(root, top)]
+    while todo:
+        node, arr = todo.pop()
+        for key in sorted(node.children):
+            child = node.children[key]
+            carr = entry(child)
+            arr[6].append(carr)
+            todo.append((child, carr))
+    return top
+
+
+def flamegraph_data(profile: Profile, *, types: Sequence[str] | None = None,
+                    default_type: str | None = None, title: str = "", subtitle: str = "",
+                    min_fraction: float = DEFAULT_MIN_FRACTION, top: int = 30) -> dict:
+    """The JSON document the flame graph script renders (see flamegraph.js for its shape)."""
+    st = _Strings()
+    chosen = [t for t in profile.sample_types if types is None or t.name in types]
+    if types is None:
+        # `samples/count` duplicates the time types; show it only when it is all there is.
+        rest = [t for t in chosen if t.name != "samples"]
+        chosen = rest or chosen
+    out_types = []
+    for t in chosen:
+        tree = profile_tree(profile, t.name, min_fraction)
+        fstats = [f for f in top_functions(
+            ((stack, v) for stack, _l, v in profile.iter_type(t.name)), top) if f.self_value]
+        out_types.append({
+            "name": t.name,
+            "unit": t.unit,
+            "total": tree.total,
+            "tree": _compact(tree, st),
+            "top": [[st(f.name), st(f.filename), f.line, f.self_value, f.total] for f in fstats],
+        })
+    default = default_type or profile.primary_type()
+    if out_types and default not in [t["name"] for t in out_types]:
+        default = out_types[0]["name"]
+    return {"title": title[:500], "subtitle": subtitle[:1000], "default": default,
+            "strings": st.table, "types": out_types}
+
+
+def script_json(data: object) -> str:
+    """JSON safe to embed in a <script> element: no `</script>`, no `<!--`, no entity tricks."""
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return (text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+@lru_cache(maxsize=None)
+def asset(name: str) -> str:
+    return resources.files("flamegraph").joinpath("static", name).read_text(encoding="utf-8")
+
+
+def render_html(profile: Profile, *, title: str = "spanflame", subtitle: str = "",
+                default_type: str | None = None, types: Sequence[str] | None = None,
+                min_fraction: float = DEFAULT_MIN_FRACTION) -> str:
+    """One HTML page that shows `profile` as an interactive flame graph, offline."""
+    data = flamegraph_data(profile, types=types, default_type=default_type, title=title,
+                           subtitle=subtitle, min_fraction=min_fraction)
+    return (
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
+        "style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:\">"
+        f"<title>{html.escape(title[:200])}</title>"
+        f"<style>{asset('flamegraph.css')}</style></head>\n<body>\n"
+        "<div id=\"flamegraph\"></div>\n"
+        f"<script type=\"application/json\" id=\"spanflame-data\">{script_json(data)}</script>\n"
+        f"<script>{asset('flamegraph.js')}</script>\n"
+        "<script>window.flamegraph = SpanflameFlamegraph.create(document.getElementById('flamegraph'),"
+        " JSON.parse(document.getElementById('spanflame-data').textContent));</script>\n"
+        "</body></html>\n"
+    )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from agent.model import SAMPLE_TYPES, Labels, Profile, Stack, make_labels
-from agent.timeline import CpuTimeline, Slice, ThreadTimeline
+from agent.timeline import CpuTimeline, ThreadTimeline
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,52 +35,16 @@ def thread_labels(pid: int, tid: int, thread_name: str, extra: Labels = ()) -> L
     return make_labels(base)
 
 
-def change_points(slices: Sequence[Slice], cpu: CpuTimeline | None, tid: int,
-                  gap_ns: int) -> list[int]:
-    """Where, between consecutive observed stacks, the thread most likely switched.
-
-    py-spy reports a stack change at the first sample that shows the new stack; the switch
-    happened some time after the last sample of the old one, which (stacks being merged) we do
-    not know, except that it is about one sampling gap (`gap_ns`) before, and not before the old
-    slice began. In that window W we place the switch by what the thread was doing at the two
-    observations: a thread seen waiting (off CPU) and then running spent W's CPU on the new stack;
-    one seen running and then waiting spent it on the old stack; otherwise the midpoint (nearest
-    observation). Returns len(slices)+1 boundaries; gaps between slices keep their edges.
-    """
-    if not slices:
-        return []
-    bounds = [slices[0].start_ns]
-    for prev, cur in zip(slices, slices[1:]):
-        if prev.end_ns != cur.start_ns:
-            bounds.append(-1)  # not contiguous: handled by the caller with the raw edges
-            continue
-        w = min(prev.end_ns - prev.start_ns, gap_ns)
-        a1 = a2 = None
-        if cpu is not None:
-            a1 = cpu.activity(tid, prev.start_ns)
-            a2 = cpu.activity(tid, cur.start_ns)
-        f = 0.5 if a1 is None or a2 is None else (1.0 + a1 - a2) / 2.0
-        bounds.append(cur.start_ns - w + round(w * f))
-    bounds.append(slices[-1].end_ns)
-    return bounds
-
-
-def timeline_pieces(threads: Iterable[ThreadTimeline], cpu: CpuTimeline | None = None,
-                    rate_hz: int = 100) -> Iterable[Piece]:
-    """Pieces of every thread: its slices with switch points placed by `change_points`, clipped
-    at the thread's exit when known."""
-    gap_ns = round(1e9 / rate_hz)
+def timeline_pieces(threads: Iterable[ThreadTimeline], cpu: CpuTimeline | None = None
+                    ) -> Iterable[Piece]:
+    """One piece per slice (the stack py-spy saw, held until it saw another), clipped at the
+    thread's exit when known."""
     for tl in threads:
         exit_ns = cpu.exit_ns(tl.tid) if cpu is not None else None
-        sl = tl.slices
-        bounds = change_points(sl, cpu, tl.tid, gap_ns)
-        for i, s in enumerate(sl):
-            start = bounds[i] if bounds[i] >= 0 else s.start_ns
-            end = bounds[i + 1] if bounds[i + 1] >= 0 and i + 1 < len(sl) else s.end_ns
-            if exit_ns is not None:
-                end = min(end, exit_ns)
-            if end > start and s.stack:
-                yield Piece(tl.pid, tl.tid, tl.name, start, end, s.stack)
+        for s in tl.slices:
+            end = s.end_ns if exit_ns is None else min(s.end_ns, exit_ns)
+            if end > s.start_ns and s.stack:
+                yield Piece(tl.pid, tl.tid, tl.name, s.start_ns, end, s.stack)
 
 
 def new_profile(types: Sequence[str], rate_hz: int, start_ns: int, end_ns: int) -> Profile:
@@ -92,10 +56,12 @@ def new_profile(types: Sequence[str], rate_hz: int, start_ns: int, end_ns: int) 
                    duration_ns=max(0, end_ns - start_ns), default_sample_type=primary)
 
 
-def add_pieces(profile: Profile, pieces: Iterable[Piece], cpu: CpuTimeline | None) -> None:
-    """Aggregate pieces into `profile` as `cpu` and/or `wall` values."""
-    want_cpu = profile.has_type("cpu") and cpu is not None
-    want_wall = profile.has_type("wall")
+def add_pieces(profile: Profile, pieces: Iterable[Piece], cpu: CpuTimeline | None,
+               types: Sequence[str] = ("cpu", "wall")) -> None:
+    """Aggregate pieces into `profile` as `cpu` (on-CPU time within each piece, from `cpu`)
+    and/or `wall` (the piece's length) values, for those of `types` the profile has."""
+    want_cpu = "cpu" in types and profile.has_type("cpu") and cpu is not None
+    want_wall = "wall" in types and profile.has_type("wall")
     label_cache: dict[tuple, Labels] = {}
     for p in pieces:
         values = {}

@@ -1,7 +1,14 @@
 """Ad hoc profiling of one process: `spanflame attach PID` as a library call.
 
-py-spy samples the Python stacks of every thread; the samples become one Profile with per-sample
-labels pid, thread_id and thread_name.
+Without eBPF probes, each sample type comes from py-spy's own sample counts: `cpu` counts only
+threads running at the sample instant (py-spy checks each thread's kernel state), `wall` counts
+every thread. py-spy's output formats carry no per-sample running flag, so cpu and wall together
+take one py-spy run each.
+
+With eBPF probes (offcpu, lock, io, net), one py-spy run records the timeline of every thread
+(idle ones included), the sched probe gives exact on-CPU runs, and every wait is put on the
+Python stack py-spy saw at that moment (see agent/waits.py). If the probes cannot run here, the
+attach goes on with py-spy alone and says which probes are off and why.
 """
 
 from __future__ import annotations
@@ -11,26 +18,41 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from agent.aggregate import add_counts, new_profile
+from agent.aggregate import (add_counts, add_pieces, fill_sample_counts, new_profile,
+                             timeline_pieces)
 from agent.errors import UsageError
-from agent.model import Profile
+from agent.model import SAMPLE_TYPES, Profile
 from agent.pyspy import PySpyRecorder, Recording, check_target
+from agent.schedstat import SchedstatPoller
+from agent.timeline import PiecewiseCpu
 
-#: Probes `attach --probes` knows, in the order their sample types appear.
-KNOWN_PROBES = ("cpu", "wall")
+#: Probes `attach --probes` knows, and the sample types each gives.
+PROBE_TYPES: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpu",),
+    "wall": ("wall",),
+    "offcpu": ("off_cpu",),
+    "lock": ("lock_wait", "gil_wait"),
+    "io": ("io_wait", "io"),
+    "net": ("net_wait", "net_send", "net_recv", "tcp_retransmits"),
+}
+KNOWN_PROBES = tuple(PROBE_TYPES)
+BPF_PROBES = ("offcpu", "lock", "io", "net")
+#: What `all` means: every probe but wall (idle threads' time is what the wait probes explain).
+ALL_PROBES = ("cpu", "offcpu", "lock", "io", "net")
 
 
 def parse_probes(text: str) -> tuple[str, ...]:
-    """'cpu,wall' -> ('cpu', 'wall'); 'all' -> every probe. Unknown names are a UsageError."""
+    """'cpu,lock' -> ('cpu', 'lock'); 'all' -> cpu and every eBPF probe. Unknown names are a
+    UsageError."""
     names = [p.strip().lower() for p in text.split(",") if p.strip()]
     if not names:
         raise UsageError("--probes is empty: use one or more of " + ",".join(KNOWN_PROBES))
-    if "all" in names:
-        return KNOWN_PROBES
-    unknown = [n for n in names if n not in KNOWN_PROBES]
+    unknown = [n for n in names if n not in KNOWN_PROBES and n != "all"]
     if unknown:
         raise UsageError(f"unknown probe {unknown[0]!r}: use one or more of "
                          + ",".join(KNOWN_PROBES) + " or all")
+    if "all" in names:
+        names = list(ALL_PROBES) + names
     return tuple(p for p in KNOWN_PROBES if p in names)
 
 
@@ -40,12 +62,15 @@ class AttachOptions:
     duration_s: float = 10.0
     rate_hz: int = 100
     probes: tuple[str, ...] = ("cpu",)
+    offcpu_threshold_ns: int = 1_000_000
 
     def __post_init__(self) -> None:
         if self.duration_s <= 0:
             raise UsageError("--duration must be positive")
         if not 1 <= self.rate_hz <= 1000:
             raise UsageError("--rate must be between 1 and 1000 Hz")
+        if not 10_000 <= self.offcpu_threshold_ns <= 10_000_000_000:
+            raise UsageError("--offcpu-threshold must be between 0.01 and 10000 ms")
 
 
 @dataclass
@@ -56,6 +81,12 @@ class AttachResult:
     source: str
     notes: list[str] = field(default_factory=list)
     threads: int = 0
+    probes_on: list[str] = field(default_factory=list)
+    probes_off: dict[str, str] = field(default_factory=dict)
+    probe_load_s: float = 0.0
+    kernel_headers: str = ""
+    waits: object = None
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 def attach(options: AttachOptions, *, progress: Callable[[float], None] | None = None,
@@ -64,39 +95,31 @@ def attach(options: AttachOptions, *, progress: Callable[[float], None] | None =
 
     `progress` is called with the elapsed fraction about ten times a second. Raises TargetError
     subclasses when the target cannot be profiled, SamplerError when py-spy fails.
-
-    Each sample type comes from py-spy's own sample counts: `cpu` counts only threads running
-    at the sample instant (py-spy checks each thread's kernel state), `wall` counts every thread.
-    py-spy's output formats carry no per-sample running flag, so cpu and wall together take one
-    py-spy run each.
     """
     check_target(options.pid)
     stop = stop or threading.Event()
-    notes: list[str] = []
-    types = [p for p in options.probes if p in ("cpu", "wall")]
+    bpf = [p for p in options.probes if p in BPF_PROBES]
+    if bpf:
+        from probes.session import ProbeSession
+        session = ProbeSession(bpf, offcpu_min_ns=options.offcpu_threshold_ns)
+        session.start([options.pid])
+        if session.active:
+            return _attach_timeline(options, session, progress, stop)
+        result = _attach_counts(options, progress, stop)
+        result.probes_off = dict(session.off)
+        result.notes += [f"probe {n} off: {why}" for n, why in session.off.items()]
+        result.probe_load_s = session.load_seconds
+        session.close()
+        return result
+    return _attach_counts(options, progress, stop)
+
+
+def _attach_counts(options: AttachOptions, progress, stop) -> AttachResult:
+    types = [p for p in options.probes if p in ("cpu", "wall")] or ["cpu"]
     recorders = {t: PySpyRecorder(options.pid, rate_hz=options.rate_hz, idle=(t == "wall"),
                                   output="speedscope") for t in types}
-    recordings: dict[str, Recording] = {}
-    try:
-        for rec in recorders.values():
-            rec.start()
-        t0 = time.monotonic()
-        try:
-            interrupted = _wait(list(recorders.values()), options.duration_s, t0, progress, stop)
-        finally:
-            for rec in recorders.values():
-                rec.stop()
-            for t, rec in recorders.items():
-                recordings[t] = rec.wait()
-        elapsed = time.monotonic() - t0
-    finally:
-        for rec in recorders.values():
-            rec.close()
-    primary = recordings[types[0]]
-    if interrupted:
-        notes.append(f"stopped early after {elapsed:.1f} s; wrote what was recorded")
-    if any(r.target_exited for r in recordings.values()):
-        notes.append(f"target exited after {elapsed:.1f} s; the profile is partial")
+    recordings, elapsed, interrupted = _record(options, list(recorders.items()), progress, stop)
+    notes = _exit_notes(recordings.values(), elapsed, interrupted)
     start_ns = min(r.start_ns for r in recordings.values())
     end_ns = max(r.end_ns for r in recordings.values())
     profile = new_profile(types, options.rate_hz, start_ns, end_ns)
@@ -106,8 +129,80 @@ def attach(options: AttachOptions, *, progress: Callable[[float], None] | None =
         f"{t}: py-spy samples" + (" of running threads" if t == "cpu" else " of all threads")
         for t in types)
     threads = {k[0] for r in recordings.values() for k in r.counts}
-    return AttachResult(profile=profile, recording=primary, elapsed_s=elapsed,
+    return AttachResult(profile=profile, recording=recordings[types[0]], elapsed_s=elapsed,
                         source=source, notes=notes, threads=len(threads))
+
+
+def _attach_timeline(options: AttachOptions, session, progress, stop) -> AttachResult:
+    from agent.waits import RunsCpu, active_hold_pieces, add_probe_samples
+
+    pid = options.pid
+    schedstat = PiecewiseCpu()
+    poller = SchedstatPoller(pid, cpu=schedstat)
+    rec = PySpyRecorder(pid, rate_hz=options.rate_hz, idle=True, output="chrometrace")
+    try:
+        poller.poll_once()
+        recordings, elapsed, interrupted = _record(options, [("timeline", rec)], progress, stop)
+        poller.poll_once()
+    finally:
+        data = session.close()
+    recording = recordings["timeline"]
+    notes = _exit_notes([recording], elapsed, interrupted)
+    notes += [f"probe {n} off: {why}" for n, why in session.off.items()]
+    types = []
+    for p in options.probes:
+        if p in ("cpu", "wall") or p in session.active:
+            types += [t for t in PROBE_TYPES[p] if t not in types]
+    types.sort(key=list(SAMPLE_TYPES).index)
+    profile = new_profile(types, options.rate_hz, recording.start_ns, recording.end_ns)
+    timelines = recording.threads
+    cpu = RunsCpu(data, pid, recording.start_ns, recording.end_ns, fallback=schedstat)
+    if "cpu" in types:
+        for tl in timelines.values():
+            add_pieces(profile, active_hold_pieces(tl, cpu), cpu, types=("cpu",))
+    if "wall" in types:
+        add_pieces(profile, timeline_pieces(timelines.values(), cpu), None, types=("wall",))
+    waits = add_probe_samples(profile, pid, timelines, data,
+                              window=(recording.start_ns, recording.end_ns))
+    fill_sample_counts(profile)
+    kh = session.headers.detail if session.headers else ""
+    return AttachResult(
+        profile=profile, recording=recording, elapsed_s=elapsed,
+        source="py-spy timeline (all threads) + eBPF " + ",".join(session.active),
+        notes=notes, threads=len(timelines), probes_on=list(session.active),
+        probes_off=dict(session.off), probe_load_s=session.load_seconds, kernel_headers=kh,
+        waits=waits, counters=dict(data.counters))
+
+
+def _record(options: AttachOptions, recorders: list[tuple[str, PySpyRecorder]], progress, stop
+            ) -> tuple[dict[str, Recording], float, bool]:
+    recordings: dict[str, Recording] = {}
+    try:
+        for _name, rec in recorders:
+            rec.start()
+        t0 = time.monotonic()
+        recs = [r for _n, r in recorders]
+        try:
+            interrupted = _wait(recs, options.duration_s, t0, progress, stop)
+        finally:
+            for r in recs:
+                r.stop()
+            for name, r in recorders:
+                recordings[name] = r.wait()
+        elapsed = time.monotonic() - t0
+    finally:
+        for _name, r in recorders:
+            r.close()
+    return recordings, elapsed, interrupted
+
+
+def _exit_notes(recordings, elapsed: float, interrupted: bool) -> list[str]:
+    notes = []
+    if interrupted:
+        notes.append(f"stopped early after {elapsed:.1f} s; wrote what was recorded")
+    if any(r.target_exited for r in recordings):
+        notes.append(f"target exited after {elapsed:.1f} s; the profile is partial")
+    return notes
 
 
 def _wait(recs: list[PySpyRecorder], duration_s: float, t0: float,

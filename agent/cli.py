@@ -42,14 +42,19 @@ def cli(verbose: bool) -> None:
                    "(flame graph), .json (speedscope), .txt/.folded (folded stacks). "
                    "Default: spanflame-<pid>-<time>.pb.gz")
 @click.option("--probes", default="cpu", show_default=True, metavar="LIST",
-              help="Comma-separated: cpu, wall (idle threads included), or all.")
-def attach(pid: int, duration: float, rate: int, output: str | None, probes: str) -> None:
+              help="Comma-separated: cpu, wall (idle threads included), and the eBPF probes "
+                   "offcpu, lock, io, net; or all (cpu and every eBPF probe).")
+@click.option("--offcpu-threshold", type=float, default=1.0, show_default=True, metavar="MS",
+              help="Shortest off-CPU wait the eBPF probes report, in milliseconds.")
+def attach(pid: int, duration: float, rate: int, output: str | None, probes: str,
+           offcpu_threshold: float) -> None:
     """Profile the running Python process PID."""
     from agent.attach import AttachOptions, attach as run_attach, parse_probes
     from agent.output import check_writable, write_profile
 
     options = AttachOptions(pid=pid, duration_s=duration, rate_hz=rate,
-                            probes=parse_probes(probes))
+                            probes=parse_probes(probes),
+                            offcpu_threshold_ns=round(offcpu_threshold * 1e6))
     if output is None:
         output = f"spanflame-{pid}-{time.strftime('%Y%m%dT%H%M%S')}.pb.gz"
     check_writable(output)
@@ -100,22 +105,65 @@ def _summary(result, output: str, size: int) -> None:
     for note in result.notes:
         click.echo(f"spanflame: note: {note}", err=True)
     click.echo(f"wrote {output} ({_human_bytes(size)})")
-    primary = p.primary_type()
     samples = p.total("samples") if p.has_type("samples") else 0
     click.echo(f"  {result.elapsed_s:.1f} s, {samples} samples, {result.threads} threads, "
-               f"py-spy samples {result.recording.samples} (errors {result.recording.errors}), "
-               f"source: {result.source}")
-    total = p.total(primary) if primary else 0
-    top = top_functions(((s, v) for s, _l, v in p.iter_type(primary)), 5) if primary else []
-    if not total:
-        click.echo(f"  no {primary} samples")
-        return
-    click.echo(f"  top functions by self {primary}:")
-    for f in top:
-        if not f.self_value:
+               f"py-spy samples {result.recording.samples} (errors {result.recording.errors})")
+    click.echo(f"  source: {result.source}")
+    if result.probes_on:
+        click.echo(f"  probes: {', '.join(result.probes_on)} loaded in {result.probe_load_s:.2f} s; "
+                   f"kernel headers: {result.kernel_headers}")
+    w = result.waits
+    if w is not None:
+        parts = [f"{r} {ns / 1e6:.0f} ms" for r, ns in w.off_cpu_ns.items() if ns]
+        if "offcpu" in result.probes_on or parts:
+            click.echo("  off-CPU: " + (", ".join(parts) or "none above the threshold"))
+        if "lock" in result.probes_on:
+            click.echo(f"  lock waits {w.lock_ns / 1e6:.0f} ms, GIL waits {w.gil_ns / 1e6:.0f} ms")
+        if "io" in result.probes_on:
+            click.echo(f"  block IO: {w.io_requests} requests, {_human_bytes(w.io_bytes)}")
+        if "net" in result.probes_on:
+            conn = ""
+            if w.connects:
+                c = sorted(w.connects)
+                conn = (f", {len(c)} connects (median {c[len(c) // 2] / 1e6:.2f} ms, "
+                        f"max {c[-1] / 1e6:.2f} ms)")
+            click.echo(f"  TCP: sent {_human_bytes(w.net_send)}, received "
+                       f"{_human_bytes(w.net_recv)}, {w.retransmits} retransmits{conn}")
+        lost = {k: v for k, v in result.counters.items()
+                if v and k not in ("lock_events", "lock_short_waits")}
+        if lost:
+            click.echo("  dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(lost.items()))
+                       + " (raise map sizes or the off-CPU threshold)")
+    for t in [t.name for t in p.sample_types if t.name != "samples"]:
+        total = p.total(t)
+        if not total:
             continue
-        where = f"{Path(f.filename).name}:{f.line}" if f.filename else ""
-        click.echo(f"    {100 * f.self_value / total:5.1f}%  {f.name}  {where}")
+        # Wait samples end in marker, kernel and native frames: rank the innermost Python frame.
+        top = top_functions(((_python_part(s), v) for s, _l, v in p.iter_type(t)), 5)
+        top = [f for f in top if f.self_value]
+        if not top:
+            continue
+        unit = p.sample_types[p.index(t)].unit
+        click.echo(f"  top Python functions by {t} ({_human_value(total, unit)} in all):")
+        for f in top:
+            where = f"{Path(f.filename).name}:{f.line}" if f.filename else ""
+            click.echo(f"    {100 * f.self_value / total:5.1f}%  {f.name}  {where}")
+
+
+def _python_part(stack):
+    """The stack from its innermost Python frame up (markers, kernel and native frames off)."""
+    for i, f in enumerate(stack):
+        if f.filename and not f.filename.startswith("["):
+            return stack[i:]
+    return ()
+
+
+def _human_value(v: int, unit: str) -> str:
+    if unit == "nanoseconds":
+        return f"{v / 1e9:.2f} s" if v >= 1e9 else f"{v / 1e6:.1f} ms"
+    if unit == "bytes":
+        return _human_bytes(v)
+    return str(v)
 
 
 def _human_bytes(n: int) -> str:

@@ -3,14 +3,15 @@
 # validators the test suite runs), and tracefs. Idempotent and quick when already done:
 # it only calls apt-get for packages that are missing.
 #   deploy/host-setup.sh run    bcc, Debian kernel headers (bcc's fallback tree), python3-venv
-#   deploy/host-setup.sh test   the above, plus go (go tool pprof) and chromium (browser tests)
+#   deploy/host-setup.sh test   the above, plus go (go tool pprof), chromium (browser tests) and
+#                               gcc (the C event generators of the probe tests and benchmarks)
 set -euo pipefail
 
 mode="${1:-run}"
 arch="$(dpkg --print-architecture 2>/dev/null || echo amd64)"
 pkgs=(python3-venv python3-bpfcc bpfcc-tools "linux-headers-${arch}" ca-certificates)
 if [ "$mode" = "test" ]; then
-  pkgs+=(golang-go chromium)
+  pkgs+=(golang-go chromium gcc libc6-dev)
 fi
 
 missing=()

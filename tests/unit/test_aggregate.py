@@ -1,5 +1,4 @@
-from agent.aggregate import (add_counts, add_pieces, change_points, fill_sample_counts,
-                             new_profile, timeline_pieces)
+from agent.aggregate import add_counts, add_pieces, fill_sample_counts, new_profile, timeline_pieces
 from agent.model import Frame
 from agent.timeline import PiecewiseCpu, Slice, ThreadTimeline
 
@@ -22,18 +21,6 @@ def test_piecewise_cpu_interpolates_and_clamps():
     assert c.activity(7, 50 * MS) is None
 
 
-def test_change_points_follow_activity():
-    slices = [Slice(0, 30 * MS, (F,)), Slice(30 * MS, 60 * MS, (G,))]
-    # Unknown activity: midpoint of the last sampling gap (10 ms before the change).
-    assert change_points(slices, None, 1, 10 * MS) == [0, 25 * MS, 60 * MS]
-    c = PiecewiseCpu()
-    c.add(1, -1, 0)
-    c.add(1, 29 * MS, 0)          # idle while in f (a waiting stack)
-    c.add(1, 61 * MS, 32 * MS)    # busy in g
-    # Seen waiting, then running: the window's CPU belongs to the new stack.
-    assert change_points(slices, c, 1, 10 * MS) == [0, 20 * MS, 60 * MS]
-
-
 def test_timeline_pieces_and_cpu_values():
     tl = ThreadTimeline(pid=5, tid=6, name="w", slices=[
         Slice(0, 50 * MS, (F,)), Slice(50 * MS, 100 * MS, (G,))])
@@ -41,11 +28,12 @@ def test_timeline_pieces_and_cpu_values():
     c.add(6, 0, 0)
     c.add(6, 100 * MS, 100 * MS)
     prof = new_profile(["cpu", "wall"], 100, 0, 100 * MS)
-    add_pieces(prof, timeline_pieces([tl], c, 100), c)
+    add_pieces(prof, timeline_pieces([tl], c), c)
     fill_sample_counts(prof)
     assert prof.total("cpu") == 100 * MS and prof.total("wall") == 100 * MS
-    # samples = each sample's time / period, rounded: 45 ms and 55 ms -> 5 + 6
-    assert prof.total("samples") == 11
+    assert prof.total("samples") == 10
+    by = {s[0].name: v for (s, _l), v in prof.samples.items()}
+    assert by["f"][1] == 50 * MS and by["g"][2] == 50 * MS
     labels = {dict(l)["thread_name"] for (_s, l) in prof.samples}
     assert labels == {"w"}
 
@@ -55,7 +43,7 @@ def test_thread_exit_clips_pieces():
     c = PiecewiseCpu()
     c.add(6, 0, 0)
     c.mark_exit(6, 40 * MS)
-    pieces = list(timeline_pieces([tl], c, 100))
+    pieces = list(timeline_pieces([tl], c))
     assert pieces[0].end_ns == 40 * MS
 
 

@@ -1,0 +1,111 @@
+"""Pure logic of the probe layer: planning, wait reasons, stack lookup, exact CPU, attribution."""
+
+from agent.model import Frame, Profile, SAMPLE_TYPES
+from agent.timeline import Slice, ThreadTimeline
+from agent.waits import RunsCpu, StackIndex, active_hold_pieces, add_probe_samples, classify
+from probes import registry
+from probes.records import Bucket, IoRequest, LockWait, ProbeData, Run
+
+MS = 1_000_000
+K = lambda *names: tuple(Frame(n, "[kernel]") for n in names)
+
+
+def test_plan_compiles_sched_first_and_picks_fallbacks():
+    have = {("sched", "sched_switch"), ("sched", "sched_process_exit"),
+            ("sched", "sched_wakeup_new"), ("syscalls", "sys_enter_futex"),
+            ("syscalls", "sys_exit_futex"), ("block", "block_bio_queue"),
+            ("block", "block_rq_complete")}
+    p = registry.plan(["lock", "io", "net"], exists=lambda c, e: (c, e) in have)
+    assert p.probes == ["lock", "io"]
+    assert p.sources == ["sched.bpf.c", "lock.bpf.c", "io.bpf.c"]
+    assert "HAVE_BLOCK_IO_START" not in p.defines and "WITH_KLOCK" not in p.defines
+    assert "sock:sock_send_length" in p.off["net"] and p.off["net"].endswith("missing")
+    have |= {("block", "block_io_start"), ("block", "block_io_done"), ("lock", "contention_begin")}
+    p = registry.plan(["lock", "io"], exists=lambda c, e: (c, e) in have)
+    assert "HAVE_BLOCK_IO_START" in p.defines and "WITH_KLOCK" in p.defines
+
+
+def test_plan_without_sched_switch_turns_everything_off():
+    p = registry.plan(["offcpu", "lock"], exists=lambda c, e: e != "sched_switch")
+    assert p.probes == [] and set(p.off) == {"offcpu", "lock"}
+    assert all("sched:sched_switch" in why for why in p.off.values())
+
+
+def test_deny_list(monkeypatch):
+    monkeypatch.setenv("SPANFLAME_DENY_TRACEPOINTS", "sock:sock_send_length, tcp:tcp_probe")
+    assert registry.denied_tracepoints() == {"sock:sock_send_length", "tcp:tcp_probe"}
+
+
+def run(state=1, kstack=(), futex=0, start=0, end=10, off_end=20):
+    return Run(1, 2, start * MS, end * MS, off_end * MS, 0, state, kstack, futex)
+
+
+def test_classify_reasons():
+    assert classify(run(state=0x100), None) == "runqueue"
+    assert classify(run(futex=0x1000), (0x1000, 0x2000)) == "gil"
+    assert classify(run(futex=0x3000), (0x1000, 0x2000)) == "lock"
+    assert classify(run(kstack=K("futex_do_wait", "__futex_wait")), None) == "lock"
+    assert classify(run(kstack=K("io_schedule", "folio_wait_bit")), None) == "io"
+    assert classify(run(kstack=K("wait_for_completion", "jbd2_log_wait_commit")), None) == "io"
+    assert classify(run(kstack=K("sk_wait_data", "tcp_recvmsg_locked")), None) == "net"
+    assert classify(run(kstack=K("do_epoll_wait")), None) == "net"
+    assert classify(run(kstack=K("do_nanosleep", "hrtimer_nanosleep")), None) == "sleep"
+    assert classify(run(state=2, kstack=K("something_else")), None) == "io"
+    assert classify(run(kstack=K("pipe_read")), None) == "other"
+
+
+def tl(*slices, tid=2, name="t"):
+    return ThreadTimeline(pid=1, tid=tid, name=name,
+                          slices=[Slice(a * MS, b * MS, tuple(Frame(n, "/a.py", 1) for n in st))
+                                  for a, b, st in slices])
+
+
+def test_stack_during_a_wait_prefers_a_stack_seen_inside_it():
+    t = tl((0, 10, ["before"]), (10, 30, ["waiting"]), (30, 40, ["after"]))
+    i = StackIndex(t)
+    assert i.during(5 * MS, 25 * MS)[0].name == "waiting"   # first seen inside the wait
+    assert i.during(12 * MS, 25 * MS)[0].name == "waiting"  # seen before it, not contradicted
+    assert i.at(35 * MS)[0].name == "after"
+
+
+def test_runs_cpu_is_exact_and_active_hold_skips_waiting_observations():
+    data = ProbeData(runs=[
+        Run(1, 2, 0, 10 * MS, 30 * MS, 0, 1, (), 0),       # on CPU 0-10, waits 10-30
+        Run(1, 2, 30 * MS, 40 * MS, 50 * MS, 0, 1, (), 0),  # on CPU 30-40
+    ], open_runs={2: (1, 50 * MS, None, 0)})                # on CPU again from 50 to the end
+    cpu = RunsCpu(data, pid=1, start_ns=0, end_ns=60 * MS)
+    assert cpu.oncpu_ns(2, 0, 60 * MS) == 30 * MS
+    assert cpu.activity(2, 5 * MS) == 1.0 and cpu.activity(2, 20 * MS) == 0.0
+    # py-spy saw "compute" (on CPU) at 0, "recv" (waiting) at 12, "parse" (on CPU) at 35
+    t = tl((0, 12, ["compute"]), (12, 35, ["recv"]), (35, 60, ["parse"]))
+    pieces = list(active_hold_pieces(t, cpu))
+    assert [(p.stack[0].name, p.start_ns // MS, p.end_ns // MS) for p in pieces] == [
+        ("compute", 0, 35), ("parse", 35, 60)]
+    by = {p.stack[0].name: cpu.oncpu_ns(2, p.start_ns, p.end_ns) for p in pieces}
+    assert by == {"compute": 15 * MS, "parse": 15 * MS}  # the waiting stack gets no CPU
+
+
+def test_add_probe_samples_attributes_and_clips():
+    prof = Profile([SAMPLE_TYPES[n] for n in ("samples", "off_cpu", "lock_wait", "gil_wait",
+                                               "io_wait", "io", "net_send")])
+    t = tl((0, 100, ["handler", "main"]))
+    data = ProbeData(
+        runs=[Run(1, 2, 0, 10 * MS, 30 * MS, 0, 2, K("io_schedule"), 0),
+              Run(1, 2, 30 * MS, 90 * MS, 150 * MS, 0, 1, K("sk_wait_data"), 0)],
+        lock_waits=[LockWait(1, 2, 40 * MS, 50 * MS, 0x10, "gil", (Frame("futex", "[libc.so.6]"),)),
+                    LockWait(1, 2, 60 * MS, 65 * MS, 0x99, "futex", ())],
+        io=[IoRequest(1, 2, 5 * MS, 9 * MS, 4096, "8:0", "write", "WS"),
+            IoRequest(1, 2, 6 * MS, 9 * MS, 1 << 20, "8:0", "discard", "DS"),
+            IoRequest(1, 2, 500 * MS, 501 * MS, 4096, "8:0", "write", "W")],
+        buckets=[Bucket("net", 1, 2, 95 * MS, 10 * MS, "send", 1000, 3)])
+    s = add_probe_samples(prof, 1, {2: t}, data, window=(0, 100 * MS))
+    assert prof.total("off_cpu") == 20 * MS + 10 * MS      # the net wait is clipped at 100 ms
+    assert prof.total("io_wait") == 20 * MS
+    assert prof.total("gil_wait") == 10 * MS and prof.total("lock_wait") == 5 * MS
+    assert prof.total("io") == 4096                         # no discard, nothing outside
+    assert prof.total("net_send") == 500                    # half the bucket is in the window
+    stacks = {s[0].name: s for s, _l, v in prof.iter_type("gil_wait")}
+    assert [f.name for f in stacks["[GIL wait]"]] == ["[GIL wait]", "futex", "handler", "main"]
+    reasons = {dict(l)["reason"] for s, l, v in prof.iter_type("off_cpu")}
+    assert reasons == {"io", "net"}
+    assert s.io_bytes == 4096 and s.gil_ns == 10 * MS

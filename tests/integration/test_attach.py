@@ -94,7 +94,7 @@ def test_attach_exit_mid_recording_is_partial_with_note(cpu_split_run):
     assert "target exited" in res.stderr
     assert "partial" in res.stderr
     assert no_traceback(res.stderr)
-    assert "top functions by self cpu" in res.stdout
+    assert "top Python functions by cpu" in res.stdout
 
 
 def test_go_pprof_reads_attach_output(cpu_split_run):

@@ -3,8 +3,14 @@
 Event generators are tiny C loops (bench/c/events.c, compiled here with gcc), so the per-event
 cost is not buried in interpreter noise. For each kind of event we run the loop in alternating
 order: without probes, with probes loaded but the loop's process not a target (events filtered
-in the kernel), and with the loop's process a target (events captured). Reported: the median
-added nanoseconds per event over --rounds rounds.
+in the kernel), and with the loop's process a target (events captured). Reported per event:
+
+* `prog_ns`: the run time of our BPF programs, from the kernel's own accounting
+  (kernel.bpf_stats_enabled=1 during the run): precise, and what our code costs;
+* `added_ns`: the loop's slowdown: what a workload pays, including the tracepoint machinery,
+  but noisy on these machines (medians of --rounds alternating rounds);
+* `empty_prog_added_ns`: the slowdown with an empty program on the same attach points: the
+  floor that no probe code can go under.
 
     python -m bench.probe_overhead [--rounds 9] [--seconds 1.0]
 
@@ -68,33 +74,90 @@ def run_loop(binary: Path, args: list[str], seconds: float, session: ProbeSessio
     return out["ns_per_iter"]
 
 
+#: event kind -> the programs that run for it (each event runs one of them, or, for futex and
+#: block io, each of them once: enter and exit, start and done)
+RUNS_PER_EVENT = {"futex (lock)": 2, "sched_switch (offcpu)": 1, "tcp send+recv (net)": 1,
+                  "block io (io)": 2, "other syscall": 1}
+PROGRAMS = {
+    "futex (lock)": ("tracepoint__syscalls__sys_enter_futex", "tracepoint__syscalls__sys_exit_futex"),
+    "sched_switch (offcpu)": ("raw_tracepoint__sched_switch",),
+    "tcp send+recv (net)": ("tracepoint__sock__sock_send_length", "tracepoint__sock__sock_recv_length"),
+    "block io (io)": ("tracepoint__block__block_io_start", "tracepoint__block__block_io_done"),
+    "other syscall": (),
+}
+EMPTY = {
+    "futex (lock)": "TRACEPOINT_PROBE(syscalls, sys_enter_futex) { return 0; }\n"
+                    "TRACEPOINT_PROBE(syscalls, sys_exit_futex) { return 0; }\n",
+    "sched_switch (offcpu)": "RAW_TRACEPOINT_PROBE(sched_switch) { return 0; }\n",
+    "tcp send+recv (net)": "TRACEPOINT_PROBE(sock, sock_send_length) { return 0; }\n"
+                           "TRACEPOINT_PROBE(sock, sock_recv_length) { return 0; }\n",
+    "block io (io)": "TRACEPOINT_PROBE(block, block_io_start) { return 0; }\n"
+                     "TRACEPOINT_PROBE(block, block_io_done) { return 0; }\n",
+    "other syscall": "TRACEPOINT_PROBE(syscalls, sys_enter_futex) { return 0; }\n",
+}
+
+
+class _BpfStats:
+    """kernel.bpf_stats_enabled=1 for the duration (it adds two clock reads per program run)."""
+
+    PATH = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+    def __enter__(self):
+        self.old = self.PATH.read_text().strip()
+        self.PATH.write_text("1")
+        return self
+
+    def __exit__(self, *exc):
+        self.PATH.write_text(self.old)
+
+
 def per_event_costs(binary: Path, rounds: int, seconds: float) -> dict:
+    from bcc import BPF
+    from probes import kheaders
+    kheaders.apply(kheaders.resolve())
     tmpdir = Path(tempfile.mkdtemp(prefix="spanflame-bench-io-", dir="/var/tmp"))
     results = {}
     decoy = subprocess.Popen(["sleep", "3600"])  # a target that is not the loop
     try:
         for kind, (args, probe, per_iter) in KINDS.items():
-            base, filtered, captured = [], [], []
+            t = {m: [] for m in ("base", "filtered", "captured", "empty")}
+            prog = {"filtered": [], "captured": []}
             for r in range(rounds):
-                order = ["base", "filtered", "captured"]
+                order = ["base", "filtered", "captured", "empty"]
                 if r % 2:
                     order.reverse()
                 for mode in order:
                     if mode == "base":
-                        base.append(run_loop(binary, args, seconds, None, False, tmpdir))
-                        continue
-                    with ProbeSession(["offcpu", "lock", "io", "net"]) as s:
-                        s.start([decoy.pid])
-                        if not s.active:
-                            raise SystemExit(f"probes are off: {s.off}")
-                        v = run_loop(binary, args, seconds, s, mode == "captured", tmpdir)
-                    (filtered if mode == "filtered" else captured).append(v)
-            b = statistics.median(base)
+                        t["base"].append(run_loop(binary, args, seconds, None, False, tmpdir))
+                    elif mode == "empty":
+                        b = BPF(text=EMPTY[kind].encode(), cflags=["-w"])
+                        t["empty"].append(run_loop(binary, args, seconds, None, False, tmpdir))
+                        b.cleanup()
+                    else:
+                        with ProbeSession(["offcpu", "lock", "io", "net"]) as s:
+                            s.start([decoy.pid])
+                            if not s.active:
+                                raise SystemExit(f"probes are off: {s.off}")
+                            with _BpfStats():
+                                before = s.program_stats()
+                                v = run_loop(binary, args, seconds, s, mode == "captured", tmpdir)
+                                after = s.program_stats()
+                        t[mode].append(v)
+                        names = PROGRAMS[kind]
+                        ns = sum(after[n][1] - before[n][1] for n in names)
+                        runs = sum(after[n][0] - before[n][0] for n in names)
+                        if runs:
+                            prog[mode].append(ns / (runs / RUNS_PER_EVENT[kind]))
+            b = statistics.median(t["base"])
+            added = lambda m: round((statistics.median(t[m]) - b) / per_iter, 1)
             results[kind] = {
                 "probe": probe,
                 "base_ns_per_iter": round(b, 1),
-                "filtered_ns_per_event": round((statistics.median(filtered) - b) / per_iter, 1),
-                "captured_ns_per_event": round((statistics.median(captured) - b) / per_iter, 1),
+                "filtered_prog_ns": round(statistics.median(prog["filtered"]), 1) if prog["filtered"] else None,
+                "captured_prog_ns": round(statistics.median(prog["captured"]), 1) if prog["captured"] else None,
+                "filtered_added_ns": added("filtered"),
+                "captured_added_ns": added("captured"),
+                "empty_prog_added_ns": added("empty"),
             }
             print(json.dumps({kind: results[kind]}), flush=True)
     finally:

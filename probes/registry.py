@@ -52,8 +52,7 @@ def _tp(*options: tuple[str, str, str]) -> TracepointChoice:
 
 SCHED = ProbeSpec(
     "sched", "sched.bpf.c",
-    needs=(_tp(("sched", "sched_switch", "")), _tp(("sched", "sched_process_exit", "")),
-           _tp(("sched", "sched_wakeup_new", ""))),
+    needs=(_tp(("sched", "sched_switch", "")), _tp(("sched", "sched_process_exit", ""))),
     defines=("WITH_SCHED",),
     doc="on-CPU runs and off-CPU waits of target threads")
 

@@ -166,6 +166,11 @@ class ProbeSession:
             detail = err.first_error() or str(exc).splitlines()[0]
             raise _ProbesOff(f"BPF load failed: {detail}") from None
         b = self._bpf
+        # A thread's first run starts at the last switch on its CPU: from now, not from boot.
+        now = ctypes.c_uint64(time.monotonic_ns())
+        cpu_last = b[b"cpu_last"]
+        for cpu in range(min(os.cpu_count() or 1, 1024)):
+            cpu_last[ctypes.c_int(cpu)] = now
         b[b"sched_events"].open_ring_buffer(self._on_sched)
         if "lock" in plan.probes:
             b[b"lock_events"].open_ring_buffer(self._on_lock)
@@ -238,6 +243,26 @@ class ProbeSession:
         if not any((t & 0xFFFF) == (pid & 0xFFFF) for t in self._targets):
             b[b"target_bits"][ctypes.c_uint32(pid & 0xFFFF)] = ctypes.c_uint8(0)
 
+    def program_stats(self) -> dict[str, tuple[int, int]]:
+        """(run count, total run time in ns) per loaded BPF program, from the kernel's own
+        accounting; both stay 0 unless sysctl kernel.bpf_stats_enabled=1."""
+        out = {}
+        if self._bpf is None:
+            return out
+        for name, fn in self._bpf.funcs.items():
+            cnt = ns = 0
+            try:
+                with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+                    for line in f:
+                        if line.startswith("run_time_ns:"):
+                            ns = int(line.split()[1])
+                        elif line.startswith("run_cnt:"):
+                            cnt = int(line.split()[1])
+            except OSError:
+                continue
+            out[name.decode()] = (cnt, ns)
+        return out
+
     def close(self) -> ProbeData:
         """Stop draining, read what is left, detach (idempotent)."""
         if self._closed:
@@ -270,52 +295,53 @@ class ProbeSession:
             except Exception:  # loop edge: log, count, keep going
                 log.exception("probe drain failed")
 
-    def _keep(self, kind: str, item) -> None:
-        """Keep a record unless this session already holds `max_records` of its kind."""
+    def _keep(self, kind: str, data, size: int) -> int:
+        """Ring buffer callback body: copy the record's bytes, unless this session already holds
+        `max_records` of its kind. Decoding happens in bulk in `_drain`."""
         if self._kept[kind] >= self.max_records:
             self._dropped["records"] += 1
         else:
             self._kept[kind] += 1
-            self._raw[kind].append(item)
+            self._raw[kind].append(ctypes.string_at(data, size))
+        return 0
 
     def _on_sched(self, _ctx, data, size) -> int:
-        self._keep("sched", _SCHED_FMT.unpack_from(ctypes.string_at(data, size)))
-        return 0
+        return self._keep("sched", data, size)
 
     def _on_lock(self, _ctx, data, size) -> int:
-        self._keep("lock", _LOCK_FMT.unpack_from(ctypes.string_at(data, size)))
-        return 0
+        return self._keep("lock", data, size)
 
     def _on_io(self, _ctx, data, size) -> int:
-        self._keep("io", _IO_FMT.unpack_from(ctypes.string_at(data, size)))
-        return 0
+        return self._keep("io", data, size)
 
     def _on_net(self, _ctx, data, size) -> int:
-        self._keep("net", _NET_FMT.unpack_from(ctypes.string_at(data, size)))
-        return 0
+        return self._keep("net", data, size)
 
     def _drain(self, final: bool, buckets: bool = True) -> None:
         with self._lock:
             b = self._bpf
             b.ring_buffer_consume()
-            real = self._clock.real
+            off = self._clock.offset_ns
             raw, self._raw = self._raw, {k: [] for k in self._raw}
             d = self.data
-            for (tgid, tid, rs, re_, oe, so, fa, st, ks) in raw["sched"]:
-                kstack = self._kstack(ks) if ks >= 0 else self._seed_stacks.pop((tid, re_), ())
-                d.runs.append(Run(tgid, tid, real(rs) if rs else None, real(re_),
-                                  real(oe) if oe else None, so, st, kstack, fa))
-            for (tgid, tid, s, e, addr, kind, us) in raw["lock"]:
-                d.lock_waits.append(LockWait(tgid, tid, real(s), real(e), addr,
+            kstack = self._kstack
+            seeds = self._seed_stacks
+            runs = d.runs
+            for (tgid, tid, rs, re_, oe, so, fa, st, ks) in _SCHED_FMT.iter_unpack(b"".join(raw["sched"])):
+                stack = kstack(ks) if ks >= 0 else (seeds.pop((tid, re_), ()) if seeds else ())
+                runs.append(Run(tgid, tid, rs + off if rs else None, re_ + off,
+                                oe + off if oe else None, so, st, stack, fa))
+            for (tgid, tid, s, e, addr, kind, us) in _LOCK_FMT.iter_unpack(b"".join(raw["lock"])):
+                d.lock_waits.append(LockWait(tgid, tid, s + off, e + off, addr,
                                              _LOCK_KINDS.get(kind, "futex"), self._ustack(us, tgid)))
-            for (tgid, tid, s, e, nbytes, dev, rwbs) in raw["io"]:
+            for (tgid, tid, s, e, nbytes, dev, rwbs) in _IO_FMT.iter_unpack(b"".join(raw["io"])):
                 flags = rwbs.split(b"\0", 1)[0].decode("ascii", "replace")
                 op = ("discard" if "D" in flags else "write" if "W" in flags else
                       "read" if "R" in flags else "other")
-                d.io.append(IoRequest(tgid, tid, real(s), real(e), nbytes,
+                d.io.append(IoRequest(tgid, tid, s + off, e + off, nbytes,
                                       f"{dev >> 20}:{dev & 0xFFFFF}", op, flags))
-            for (tgid, tid, s, e, kind, dport, fam, addr) in raw["net"]:
-                d.net.append(NetEvent(tgid, tid, real(s), real(e), _NET_EVENTS.get(kind, "?"),
+            for (tgid, tid, s, e, kind, dport, fam, addr) in _NET_FMT.iter_unpack(b"".join(raw["net"])):
+                d.net.append(NetEvent(tgid, tid, s + off, e + off, _NET_EVENTS.get(kind, "?"),
                                       dport, _addr(fam, addr)))
             if buckets or final:
                 self._drain_buckets()

@@ -12,7 +12,7 @@ K = lambda *names: tuple(Frame(n, "[kernel]") for n in names)
 
 def test_plan_compiles_sched_first_and_picks_fallbacks():
     have = {("sched", "sched_switch"), ("sched", "sched_process_exit"),
-            ("sched", "sched_wakeup_new"), ("syscalls", "sys_enter_futex"),
+            ("syscalls", "sys_enter_futex"),
             ("syscalls", "sys_exit_futex"), ("block", "block_bio_queue"),
             ("block", "block_rq_complete")}
     p = registry.plan(["lock", "io", "net"], exists=lambda c, e: (c, e) in have)

@@ -76,9 +76,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rate", type=int, default=100)
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--probes", default="cpu")
+    ap.add_argument("--warmup", type=float, default=None,
+                    help="seconds between starting attach and measuring (default 1.5, or 4 with "
+                         "eBPF probes, which take 1-2 s to load)")
     ap.add_argument("--aa", action="store_true",
                     help="A/A run: both halves without a profiler, to show the noise floor")
     args = ap.parse_args(argv)
+    if args.warmup is None:
+        args.warmup = 1.5 if set(args.probes.split(",")) <= {"cpu", "wall"} else 4.0
     out = Path(tempfile.mkdtemp()) / "p.pb.gz"
     t = Target(args.threads)
     try:
@@ -91,10 +96,10 @@ def main(argv: list[str] | None = None) -> dict:
             # The window starts once the CLI is up and py-spy is sampling, and ends before it
             # writes its output: it measures steady-state sampling, not start-up.
             prof = subprocess.Popen(
-                [str(SPANFLAME), "attach", str(t.pid), "--duration", str(args.seconds + 2.5),
+                [str(SPANFLAME), "attach", str(t.pid), "--duration", str(args.seconds + args.warmup + 0.5),
                  "--rate", str(args.rate), "--probes", args.probes, "-o", str(out)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(1.5)
+            time.sleep(args.warmup)
             r = t.rate_during(lambda: time.sleep(args.seconds))
             prof.wait(timeout=120)
             return r

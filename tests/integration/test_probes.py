@@ -146,6 +146,7 @@ def test_missing_tracepoint_turns_one_probe_off_with_a_reason(tmp_path):
     names = [x.name for x in prof.sample_types]
     assert "lock_wait" in names and "net_send" not in names
     assert by_python_function(prof, "lock_wait").get("wait_for_lock", 0) > 0
+    assert_go_pprof_reads(out)
 
 
 def test_without_bpf_permission_attach_still_profiles_with_py_spy(tmp_path):
@@ -176,5 +177,6 @@ def test_without_bpf_permission_attach_still_profiles_with_py_spy(tmp_path):
         prof = pprof.decode((work / "p.pb.gz").read_bytes())
         assert [x.name for x in prof.sample_types] == ["samples", "cpu"]
         assert prof.total("cpu") > 0
+        assert_go_pprof_reads(work / "p.pb.gz")
     finally:
         shutil.rmtree(work, ignore_errors=True)

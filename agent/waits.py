@@ -16,7 +16,7 @@ Observations of a waiting thread never collect CPU.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterable
 
 from agent.aggregate import Piece, thread_labels
@@ -285,7 +285,7 @@ def add_probe_samples(profile: Profile, pid: int, timelines: dict[int, ThreadTim
         if overlap <= 0:
             continue
         if overlap < b.width_ns:  # a bucket on the window's edge counts in proportion
-            b = replace(b, value=round(b.value * overlap / b.width_ns))
+            b = b._replace(value=round(b.value * overlap / b.width_ns))
         mid = b.start_ns + b.width_ns // 2
         stack_py = idx[b.tid].at(mid) if b.tid in idx else ()
         if b.probe == "lock":

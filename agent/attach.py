@@ -63,6 +63,10 @@ class AttachOptions:
     rate_hz: int = 100
     probes: tuple[str, ...] = ("cpu",)
     offcpu_threshold_ns: int = 1_000_000
+    #: receive spans over OTLP/HTTP on this HOST:PORT during the attach and link samples to them
+    otlp_listen: str | None = None
+    #: after recording, wait for spans until none arrived for this long (bounded by 30 s)
+    span_wait_s: float = 6.0
 
     def __post_init__(self) -> None:
         if self.duration_s <= 0:
@@ -87,31 +91,83 @@ class AttachResult:
     kernel_headers: str = ""
     waits: object = None
     counters: dict[str, int] = field(default_factory=dict)
+    #: with --otlp-listen: spans received, and the breakdown of this process's spans
+    spans_received: int = 0
+    spans_unlinkable: int = 0
+    span_breakdowns: list = field(default_factory=list)
+    otlp_url: str = ""
 
 
 def attach(options: AttachOptions, *, progress: Callable[[float], None] | None = None,
-           stop: threading.Event | None = None) -> AttachResult:
+           stop: threading.Event | None = None,
+           on_listen: Callable[[str], None] | None = None) -> AttachResult:
     """Profile `options.pid` for `options.duration_s` seconds (less if it exits or `stop` is set).
 
-    `progress` is called with the elapsed fraction about ten times a second. Raises TargetError
-    subclasses when the target cannot be profiled, SamplerError when py-spy fails.
+    `progress` is called with the elapsed fraction about ten times a second; `on_listen` with the
+    OTLP receiver's URL once it accepts spans. Raises TargetError subclasses when the target
+    cannot be profiled, SamplerError when py-spy fails, SpanflameError when the OTLP address
+    cannot be bound.
     """
     check_target(options.pid)
     stop = stop or threading.Event()
-    bpf = [p for p in options.probes if p in BPF_PROBES]
-    if bpf:
-        from probes.session import ProbeSession
-        session = ProbeSession(bpf, offcpu_min_ns=options.offcpu_threshold_ns)
-        session.start([options.pid])
-        if session.active:
-            return _attach_timeline(options, session, progress, stop)
-        result = _attach_counts(options, progress, stop)
-        result.probes_off = dict(session.off)
-        result.notes += [f"probe {n} off: {why}" for n, why in session.off.items()]
-        result.probe_load_s = session.load_seconds
-        session.close()
+    receiver = None
+    if options.otlp_listen:
+        receiver = _SpanReceiver(options.otlp_listen)
+        if on_listen is not None:
+            on_listen(receiver.url)
+    try:
+        bpf = [p for p in options.probes if p in BPF_PROBES]
+        session = None
+        if bpf:
+            from probes.session import ProbeSession
+            session = ProbeSession(bpf, offcpu_min_ns=options.offcpu_threshold_ns)
+            session.start([options.pid])
+        if (session is not None and session.active) or receiver is not None:
+            result = _attach_timeline(options, session, receiver, progress, stop)
+        else:
+            result = _attach_counts(options, progress, stop)
+        if session is not None:
+            session.close()
+            result.probes_off = dict(session.off)
+            result.probe_load_s = session.load_seconds
+            result.notes += [f"probe {n} off: {why}" for n, why in session.off.items()]
         return result
-    return _attach_counts(options, progress, stop)
+    finally:
+        if receiver is not None:
+            receiver.close()
+
+
+class _SpanReceiver:
+    """An OTLP receiver for the length of one attach."""
+
+    def __init__(self, listen: str) -> None:
+        from starlette.applications import Starlette
+
+        from agent.httpserver import ServerThread, parse_listen
+        from agent.otlp_receiver import OtlpReceiver
+        from agent.spans import SpanStore
+
+        self.store = SpanStore()
+        app = Starlette(routes=OtlpReceiver(self.store).routes())
+        host, port = parse_listen(listen)
+        self.server = ServerThread(app, host, port, name="otlp").start()
+        self.url = self.server.url
+
+    def linger(self, quiet_s: float, max_s: float = 30.0) -> None:
+        """Spans arrive after their samples (batch exporters send every few seconds): wait until
+        none arrived for `quiet_s`, at most `max_s`."""
+        t0 = last_change = time.monotonic()
+        seen = self.store.received
+        while time.monotonic() - t0 < max_s:
+            time.sleep(0.1)
+            now = time.monotonic()
+            if self.store.received != seen:
+                seen, last_change = self.store.received, now
+            elif now - last_change >= quiet_s:
+                return
+
+    def close(self) -> None:
+        self.server.close()
 
 
 def _attach_counts(options: AttachOptions, progress, stop) -> AttachResult:
@@ -133,45 +189,135 @@ def _attach_counts(options: AttachOptions, progress, stop) -> AttachResult:
                         source=source, notes=notes, threads=len(threads))
 
 
-def _attach_timeline(options: AttachOptions, session, progress, stop) -> AttachResult:
-    from agent.waits import RunsCpu, active_hold_pieces, add_probe_samples
+def _attach_timeline(options: AttachOptions, session, receiver, progress, stop) -> AttachResult:
+    """Per-sample timelines: with the sched probe, one py-spy run (all threads) split into CPU by
+    exact on-CPU runs; without it, a run of running threads only, timed by schedstat, and one of
+    all threads for wall. Samples are linked to spans when a receiver is on."""
+    from agent.waits import RunsCpu, add_probe_samples, run_pieces
 
     pid = options.pid
+    bpf_on = session is not None and bool(session.active)
+    want = set(options.probes)
     schedstat = PiecewiseCpu()
-    poller = SchedstatPoller(pid, cpu=schedstat)
-    rec = PySpyRecorder(pid, rate_hz=options.rate_hz, idle=True, output="chrometrace")
+    poller = SchedstatPoller(pid, rate_hz=min(options.rate_hz, 100), cpu=schedstat)
+    recorders = []
+    if bpf_on:
+        recorders.append(("timeline", PySpyRecorder(pid, rate_hz=options.rate_hz, idle=True)))
+    else:
+        if "cpu" in want:
+            recorders.append(("cpu", PySpyRecorder(pid, rate_hz=options.rate_hz, idle=False)))
+        if "wall" in want:
+            recorders.append(("wall", PySpyRecorder(pid, rate_hz=options.rate_hz, idle=True)))
+    data = None
     try:
-        poller.poll_once()
-        recordings, elapsed, interrupted = _record(options, [("timeline", rec)], progress, stop)
-        poller.poll_once()
+        if bpf_on:
+            poller.poll_once()
+        else:
+            poller.start()
+        recordings, elapsed, interrupted = _record(options, recorders, progress, stop)
     finally:
-        data = session.close()
-    recording = recordings["timeline"]
-    notes = _exit_notes([recording], elapsed, interrupted)
-    notes += [f"probe {n} off: {why}" for n, why in session.off.items()]
+        poller.close()
+        if bpf_on:
+            data = session.close()
+    if receiver is not None:
+        receiver.linger(options.span_wait_s)
+    clock_errors = _calibrate(recordings, pid, options.rate_hz, data,
+                              receiver.store if receiver is not None else None)
+    first = next(iter(recordings.values()))
+    notes = _exit_notes(recordings.values(), elapsed, interrupted)
     types = []
     for p in options.probes:
-        if p in ("cpu", "wall") or p in session.active:
+        if p in ("cpu", "wall") or (session is not None and p in session.active):
             types += [t for t in PROBE_TYPES[p] if t not in types]
     types.sort(key=list(SAMPLE_TYPES).index)
-    profile = new_profile(types, options.rate_hz, recording.start_ns, recording.end_ns)
-    timelines = recording.threads
-    cpu = RunsCpu(data, pid, recording.start_ns, recording.end_ns, fallback=schedstat)
-    if "cpu" in types:
-        for tl in timelines.values():
-            add_pieces(profile, active_hold_pieces(tl, cpu), cpu, types=("cpu",))
-    if "wall" in types:
-        add_pieces(profile, timeline_pieces(timelines.values(), cpu), None, types=("wall",))
-    waits = add_probe_samples(profile, pid, timelines, data,
-                              window=(recording.start_ns, recording.end_ns))
+    start_ns = min(r.start_ns for r in recordings.values())
+    end_ns = max(r.end_ns for r in recordings.values())
+    profile = new_profile(types, options.rate_hz, start_ns, end_ns)
+
+    linker = None
+    if receiver is not None:
+        from agent.tracelink import TraceLinker
+        linker = TraceLinker(receiver.store, options.rate_hz)
+
+    def timelines(name: str):
+        tls = recordings[name].threads.values()
+        return [linker.snap(tl) for tl in tls] if linker is not None else list(tls)
+
+    def linked(pieces):
+        return linker.link_pieces(pieces) if linker is not None else pieces
+
+    if bpf_on:
+        cpu = RunsCpu(data, pid, start_ns, end_ns, fallback=schedstat)
+        tls = timelines("timeline")
+        if "cpu" in types:
+            for tl in tls:
+                exact = linker.exact_changes.get((tl.pid, tl.tid), set()) if linker else set()
+                add_pieces(profile, linked(run_pieces(tl, cpu, exact)), cpu, types=("cpu",))
+        if "wall" in types:
+            add_pieces(profile, linked(timeline_pieces(tls, cpu)), None, types=("wall",))
+        all_threads = recordings["timeline"].threads
+        waits = add_probe_samples(profile, pid, all_threads, data, window=(start_ns, end_ns),
+                                  linker=linker)
+    else:
+        cpu = schedstat
+        all_threads = {}
+        if "cpu" in recordings:
+            add_pieces(profile, linked(timeline_pieces(timelines("cpu"), cpu)), cpu,
+                       types=("cpu",))
+            all_threads.update(recordings["cpu"].threads)
+        if "wall" in recordings:
+            add_pieces(profile, linked(timeline_pieces(timelines("wall"), cpu)), None,
+                       types=("wall",))
+            all_threads.update(recordings["wall"].threads)
+        waits = None
     fill_sample_counts(profile)
-    kh = session.headers.detail if session.headers else ""
-    return AttachResult(
-        profile=profile, recording=recording, elapsed_s=elapsed,
-        source="py-spy timeline (all threads) + eBPF " + ",".join(session.active),
-        notes=notes, threads=len(timelines), probes_on=list(session.active),
-        probes_off=dict(session.off), probe_load_s=session.load_seconds, kernel_headers=kh,
-        waits=waits, counters=dict(data.counters))
+    if clock_errors:
+        notes.append("py-spy clock corrected by " + ", ".join(
+            f"{-e / 1e6:+.2f} ms" for e in clock_errors.values()) + " (from exact events)")
+    result = AttachResult(
+        profile=profile, recording=first, elapsed_s=elapsed,
+        source=("py-spy timeline (all threads) + eBPF " + ",".join(session.active)) if bpf_on
+        else "py-spy timeline (running threads) + schedstat" + (", wall: all threads"
+                                                                 if "wall" in want else ""),
+        notes=notes, threads=len(all_threads),
+        probes_on=list(session.active) if bpf_on else [],
+        probes_off=dict(session.off) if session is not None else {},
+        probe_load_s=session.load_seconds if session is not None else 0.0,
+        kernel_headers=session.headers.detail if bpf_on and session.headers else "",
+        waits=waits, counters=dict(data.counters) if data is not None else {})
+    if receiver is not None:
+        from agent.spansummary import breakdowns
+        store = receiver.store
+        result.spans_received = store.received
+        result.spans_unlinkable = store.unlinkable
+        result.otlp_url = receiver.url
+        mine = [s for s in store.all() if s.pid == pid]
+        result.span_breakdowns = breakdowns(mine, store, cpu, data, profile,
+                                            window=(start_ns, end_ns))
+    return result
+
+
+def _calibrate(recordings: dict[str, Recording], pid: int, rate_hz: int, data, store
+               ) -> dict[str, int]:
+    """Shift each py-spy timeline by its clock error, estimated from exact events: the sched
+    probe's transitions and span boundaries (agent/clocksync.py). Returns the errors used."""
+    from agent.clocksync import estimate_error_ns, run_transitions, shift, span_transitions
+
+    transitions: dict[int, list[int]] = {}
+    if data is not None:
+        transitions = run_transitions(data, pid)
+    if store is not None:
+        start = min(r.start_ns for r in recordings.values())
+        end = max(r.end_ns for r in recordings.values())
+        for tid, ts in span_transitions(store, pid, start, end).items():
+            transitions[tid] = sorted(transitions.get(tid, []) + ts)
+    used = {}
+    for name, rec in recordings.items():
+        err = estimate_error_ns(list(rec.threads.values()), transitions, rate_hz)
+        if err:
+            rec.threads = {tid: shift(tl, -err) for tid, tl in rec.threads.items()}
+            used[name] = err
+    return used
 
 
 def _record(options: AttachOptions, recorders: list[tuple[str, PySpyRecorder]], progress, stop

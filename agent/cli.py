@@ -46,22 +46,49 @@ def cli(verbose: bool) -> None:
                    "offcpu, lock, io, net; or all (cpu and every eBPF probe).")
 @click.option("--offcpu-threshold", type=float, default=1.0, show_default=True, metavar="MS",
               help="Shortest off-CPU wait the eBPF probes report, in milliseconds.")
+@click.option("--otlp-listen", default=None, metavar="HOST:PORT",
+              help="Receive the app's spans over OTLP/HTTP here during the attach and label every "
+                   "sample with its span (e.g. 127.0.0.1:4318).")
+@click.option("--span-wait", type=float, default=6.0, show_default=True, metavar="SECONDS",
+              help="With --otlp-listen: after recording, wait for late spans until none arrived "
+                   "for this long (at most 30 s).")
+@click.option("--spans-output", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="With --otlp-listen: write each span's time breakdown (CPU, lock, IO, net, "
+                   "other, unaccounted) and dominant cause as JSON.")
 def attach(pid: int, duration: float, rate: int, output: str | None, probes: str,
-           offcpu_threshold: float) -> None:
+           offcpu_threshold: float, otlp_listen: str | None, span_wait: float,
+           spans_output: str | None) -> None:
     """Profile the running Python process PID."""
     from agent.attach import AttachOptions, attach as run_attach, parse_probes
     from agent.output import check_writable, write_profile
 
     options = AttachOptions(pid=pid, duration_s=duration, rate_hz=rate,
                             probes=parse_probes(probes),
-                            offcpu_threshold_ns=round(offcpu_threshold * 1e6))
+                            offcpu_threshold_ns=round(offcpu_threshold * 1e6),
+                            otlp_listen=otlp_listen, span_wait_s=span_wait)
     if output is None:
         output = f"spanflame-{pid}-{time.strftime('%Y%m%dT%H%M%S')}.pb.gz"
     check_writable(output)
+    if spans_output:
+        if not otlp_listen:
+            raise UsageError("--spans-output needs --otlp-listen")
+        from agent.output import check_writable_json
+        check_writable_json(spans_output)
 
     progress = None
     bar = None
-    if sys.stderr.isatty():
+    started = [False]
+
+    def announce(_frac: float) -> None:
+        # With spans coming in, say when samples start: the app's spans before that are
+        # received but have no samples.
+        if not started[0]:
+            started[0] = True
+            click.echo(f"spanflame: recording PID {pid}", err=True)
+
+    if not sys.stderr.isatty():
+        progress = announce if otlp_listen else None
+    else:
         bar = click.progressbar(length=1000, label=f"profiling PID {pid}", file=sys.stderr,
                                 show_eta=True, width=30)
         bar.__enter__()
@@ -72,13 +99,20 @@ def attach(pid: int, duration: float, rate: int, output: str | None, probes: str
             if step > 0:
                 bar.update(step)
                 done[0] += step
+    def on_listen(url: str) -> None:
+        click.echo(f"spanflame: receiving spans at {url}/v1/traces", err=True)
+
     try:
-        result = run_attach(options, progress=progress)
+        result = run_attach(options, progress=progress, on_listen=on_listen)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
     size = write_profile(result.profile, output, title=_title(pid),
                          subtitle=_subtitle(result))
+    if spans_output:
+        from agent.output import write_atomic
+        doc = {"pid": pid, "spans": [b.to_dict() for b in result.span_breakdowns]}
+        write_atomic(spans_output, json.dumps(doc, indent=1).encode())
     _summary(result, output, size)
 
 
@@ -134,6 +168,8 @@ def _summary(result, output: str, size: int) -> None:
         if lost:
             click.echo("  dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(lost.items()))
                        + " (raise map sizes or the off-CPU threshold)")
+    if result.otlp_url:
+        _span_summary(result)
     for t in [t.name for t in p.sample_types if t.name != "samples"]:
         total = p.total(t)
         if not total:
@@ -148,6 +184,15 @@ def _summary(result, output: str, size: int) -> None:
         for f in top:
             where = f"{Path(f.filename).name}:{f.line}" if f.filename else ""
             click.echo(f"    {100 * f.self_value / total:5.1f}%  {f.name}  {where}")
+
+
+def _span_summary(result) -> None:
+    b = result.span_breakdowns
+    click.echo(f"  spans: {result.spans_received} received, {len(b)} of this process linked"
+               + (f", {result.spans_unlinkable} without thread ids (add SpanflameSpanProcessor)"
+                  if result.spans_unlinkable else ""))
+    for s in sorted(b, key=lambda s: -s.duration_ns)[:5]:
+        click.echo(f"    {s.duration_ns / 1e6:8.1f} ms  {s.name}  {s.span_id}  {s.cause}")
 
 
 def _python_part(stack):

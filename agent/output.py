@@ -28,6 +28,12 @@ def output_format(path: str | os.PathLike) -> str:
                      + ", ".join(sorted(FORMATS)))
 
 
+def check_writable_json(path: str | os.PathLike) -> None:
+    if not str(path).lower().endswith(".json"):
+        raise UsageError(f"{path}: the span breakdown is JSON, use a .json name")
+    check_writable(path)
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Fail before a long recording rather than after it: really create (and remove) a
     temporary file beside `path`, since permission bits alone say nothing for root."""

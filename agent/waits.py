@@ -139,6 +139,10 @@ class RunsCpu:
     def seen(self, tid: int) -> bool:
         return tid in self._iv
 
+    def runs(self, tid: int) -> list[tuple[int, int]]:
+        """The thread's on-CPU runs, sorted."""
+        return [(a, b) for a, b, _r in self._iv.get(tid, ())]
+
     def _c(self, tid: int, t: int) -> float:
         starts = self._starts[tid]
         i = bisect.bisect_right(starts, t) - 1
@@ -168,19 +172,49 @@ class RunsCpu:
         return self._exit.get(tid)
 
 
-def active_hold_pieces(tl: ThreadTimeline, cpu) -> Iterable[Piece]:
-    """CPU pieces: each stack seen on CPU holds until the next stack seen on CPU."""
-    cur_stack, cur_start = None, None
-    for s in tl.slices:
-        if not s.stack:
+def run_pieces(tl: ThreadTimeline, cpu: "RunsCpu", exact: set[int] = frozenset()
+               ) -> Iterable[Piece]:
+    """CPU pieces of one thread, run by run.
+
+    A run is an exact on-CPU stretch from the sched probe, between waits at or above the
+    threshold. A thread resumes where it waited (its Python stack cannot change while it is off
+    CPU), so a run begins with the stack seen last before it; each stack py-spy saw inside the
+    run holds until the next. Between the run's start and the first stack seen inside it the
+    switch happened at an unknown time: we split that stretch at its middle, unless the switch
+    time is exact (`exact`: stack changes put on span boundaries). A run py-spy saw nothing of
+    keeps the stack it began with. So observations made while a thread waited never collect the
+    CPU of code it ran long after waking, and a thread waiting for the GIL is seen exactly where
+    its next run goes.
+    """
+    obs = [(s.start_ns, s.stack) for s in tl.slices if s.stack]
+    if not obs:
+        return
+    if not cpu.seen(tl.tid):  # never seen by the sched probe: plain slices
+        yield from (Piece(tl.pid, tl.tid, tl.name, s.start_ns, s.end_ns, s.stack)
+                    for s in tl.slices if s.stack)
+        return
+    times = [t for t, _ in obs]
+    lo_all, hi_all = tl.start_ns, tl.end_ns
+    for a, b in cpu.runs(tl.tid):
+        a, b = max(a, lo_all), min(b, hi_all)
+        if b <= a:
             continue
-        a = cpu.activity(tl.tid, s.start_ns)
-        if cur_stack is None or (a is not None and a >= 0.5):
-            if cur_stack is not None and s.start_ns > cur_start:
-                yield Piece(tl.pid, tl.tid, tl.name, cur_start, s.start_ns, cur_stack)
-            cur_stack, cur_start = s.stack, s.start_ns
-    if cur_stack is not None and tl.slices and tl.end_ns > cur_start:
-        yield Piece(tl.pid, tl.tid, tl.name, cur_start, tl.end_ns, cur_stack)
+        i = bisect.bisect_left(times, a)
+        j = bisect.bisect_left(times, b)
+        resumed = obs[i - 1][1] if i > 0 else obs[i][1] if i < len(obs) else None
+        if i == j:  # nothing observed inside the run
+            yield Piece(tl.pid, tl.tid, tl.name, a, b, resumed)
+            continue
+        t1 = times[i]
+        if t1 > a and obs[i][1] != resumed:
+            mid = t1 if t1 in exact else (a + t1) // 2
+            if mid > a:
+                yield Piece(tl.pid, tl.tid, tl.name, a, mid, resumed)
+            a = mid
+        cuts = [a] + times[i + 1:j] + [b]
+        for n, (x, y) in enumerate(zip(cuts, cuts[1:])):
+            if y > x:
+                yield Piece(tl.pid, tl.tid, tl.name, x, y, obs[i + n][1])
 
 
 @dataclass
@@ -200,11 +234,12 @@ class WaitSummary:
 
 def add_probe_samples(profile: Profile, pid: int, timelines: dict[int, ThreadTimeline],
                       data: ProbeData, window: tuple[int, int] | None = None,
-                      thread_names: dict[int, str] | None = None) -> WaitSummary:
+                      thread_names: dict[int, str] | None = None, linker=None) -> WaitSummary:
     """Add every probe record of `pid` to `profile` (only the sample types it has).
 
     With `window` (start, end), waits are clipped to it and events outside it are left out, so
-    that the profile covers exactly its own time range.
+    that the profile covers exactly its own time range. With `linker` (a TraceLinker), every
+    sample also carries the labels of the span active on its thread then.
     """
     lo, hi = window if window else (-(1 << 62), 1 << 62)
     idx = {tid: StackIndex(tl) for tid, tl in timelines.items() if tl.slices}
@@ -217,12 +252,13 @@ def add_probe_samples(profile: Profile, pid: int, timelines: dict[int, ThreadTim
     summary = WaitSummary(off_cpu_ns={r: 0 for r in REASONS}, connects=[])
     label_cache: dict[tuple, Labels] = {}
 
-    def labels(tid: int, **extra: str) -> Labels:
-        key = (tid, tuple(sorted(extra.items())))
+    def labels(tid: int, start: int, end: int | None = None, **extra: str) -> Labels:
+        span = linker.event_labels(pid, tid, start, end) if linker is not None else ()
+        key = (tid, span, tuple(sorted(extra.items())))
         lab = label_cache.get(key)
         if lab is None:
             lab = label_cache[key] = thread_labels(pid, tid, names.get(tid, ""),
-                                                   make_labels(extra) if extra else ())
+                                                   make_labels(list(extra.items()) + list(span)))
         return lab
 
     def py(tid: int, start: int, end: int) -> Stack:
@@ -246,7 +282,7 @@ def add_probe_samples(profile: Profile, pid: int, timelines: dict[int, ThreadTim
             values["net_wait"] = dur
         if values:
             stack = (Frame(MARKERS[reason]),) + r.kstack + py(r.tid, r.run_end_ns, r.off_end_ns)
-            profile.add(stack, labels(r.tid, reason=reason), values)
+            profile.add(stack, labels(r.tid, r.run_end_ns, r.off_end_ns, reason=reason), values)
 
     for w in data.lock_waits:
         if w.tgid != pid:
@@ -262,7 +298,7 @@ def add_probe_samples(profile: Profile, pid: int, timelines: dict[int, ThreadTim
         if t in want:
             marker = {"gil": "[GIL wait]", "klock": "[kernel lock wait]"}.get(w.kind, "[lock wait]")
             stack = (Frame(marker),) + w.ustack + py(w.tid, w.start_ns, w.end_ns)
-            profile.add(stack, labels(w.tid), {t: dur})
+            profile.add(stack, labels(w.tid, w.start_ns, w.end_ns), {t: dur})
 
     for io in data.io:
         # Discards free blocks and flushes carry no data: neither is bytes moved.
@@ -272,7 +308,7 @@ def add_probe_samples(profile: Profile, pid: int, timelines: dict[int, ThreadTim
         summary.io_requests += 1
         if "io" in want and io.bytes:
             stack = (Frame(f"[io {io.op}]"),) + py(io.tid, io.start_ns, io.start_ns)
-            profile.add(stack, labels(io.tid, device=io.dev), {"io": io.bytes})
+            profile.add(stack, labels(io.tid, io.start_ns, device=io.dev), {"io": io.bytes})
 
     for n in data.net:
         if n.tgid == pid and n.kind == "connect" and lo <= n.end_ns < hi:
@@ -296,7 +332,7 @@ def add_probe_samples(profile: Profile, pid: int, timelines: dict[int, ThreadTim
                 summary.lock_ns += b.value
             if t in want:
                 marker = "[GIL wait]" if b.kind == "gil" else "[lock wait]"
-                profile.add((Frame(marker),) + stack_py, labels(b.tid), {t: b.value})
+                profile.add((Frame(marker),) + stack_py, labels(b.tid, mid), {t: b.value})
         elif b.probe == "net":
             t = {"send": "net_send", "recv": "net_recv", "retransmit": "tcp_retransmits"}[b.kind]
             if b.kind == "send":
@@ -308,5 +344,5 @@ def add_probe_samples(profile: Profile, pid: int, timelines: dict[int, ThreadTim
             if t in want:
                 marker = {"send": "[tcp send]", "recv": "[tcp recv]",
                           "retransmit": "[tcp retransmit]"}[b.kind]
-                profile.add((Frame(marker),) + stack_py, labels(b.tid), {t: b.value})
+                profile.add((Frame(marker),) + stack_py, labels(b.tid, mid), {t: b.value})
     return summary

@@ -66,7 +66,7 @@ def test_attach_writes_pprof_with_known_cpu_split(cpu_split_run):
     # Absolute CPU: close to what the threads measured (minus the attach start-up). py-spy counts
     # a thread as running when the kernel says R, which includes runnable-but-waiting, so
     # threads fighting for the GIL on a busy machine read a little high.
-    assert 0.85 < profiled_total / measured_total < 1.2
+    assert 0.85 < profiled_total / measured_total < 1.3
     # The sleeping main thread has (almost) no CPU.
     main_cpu = sum(v for s, l, v in prof.iter_type("cpu") if dict(l)["thread_name"] == "MainThread")
     assert main_cpu < 0.02 * profiled_total

@@ -2,7 +2,7 @@
 
 from agent.model import Frame, Profile, SAMPLE_TYPES
 from agent.timeline import Slice, ThreadTimeline
-from agent.waits import RunsCpu, StackIndex, active_hold_pieces, add_probe_samples, classify
+from agent.waits import RunsCpu, StackIndex, add_probe_samples, classify, run_pieces
 from probes import registry
 from probes.records import Bucket, IoRequest, LockWait, ProbeData, Run
 
@@ -68,7 +68,7 @@ def test_stack_during_a_wait_prefers_a_stack_seen_inside_it():
     assert i.at(35 * MS)[0].name == "after"
 
 
-def test_runs_cpu_is_exact_and_active_hold_skips_waiting_observations():
+def test_runs_cpu_is_exact_and_runs_get_the_stacks_seen_inside_them():
     data = ProbeData(runs=[
         Run(1, 2, 0, 10 * MS, 30 * MS, 0, 1, (), 0),       # on CPU 0-10, waits 10-30
         Run(1, 2, 30 * MS, 40 * MS, 50 * MS, 0, 1, (), 0),  # on CPU 30-40
@@ -76,13 +76,21 @@ def test_runs_cpu_is_exact_and_active_hold_skips_waiting_observations():
     cpu = RunsCpu(data, pid=1, start_ns=0, end_ns=60 * MS)
     assert cpu.oncpu_ns(2, 0, 60 * MS) == 30 * MS
     assert cpu.activity(2, 5 * MS) == 1.0 and cpu.activity(2, 20 * MS) == 0.0
-    # py-spy saw "compute" (on CPU) at 0, "recv" (waiting) at 12, "parse" (on CPU) at 35
-    t = tl((0, 12, ["compute"]), (12, 35, ["recv"]), (35, 60, ["parse"]))
-    pieces = list(active_hold_pieces(t, cpu))
-    assert [(p.stack[0].name, p.start_ns // MS, p.end_ns // MS) for p in pieces] == [
-        ("compute", 0, 35), ("parse", 35, 60)]
-    by = {p.stack[0].name: cpu.oncpu_ns(2, p.start_ns, p.end_ns) for p in pieces}
-    assert by == {"compute": 15 * MS, "parse": 15 * MS}  # the waiting stack gets no CPU
+    # py-spy saw "compute" at 2 (on CPU), "recv" at 12 (waiting), "parse" at 36 (in the run that
+    # started at 30); nothing during the run from 50.
+    t = tl((2, 12, ["compute"]), (12, 36, ["recv"]), (36, 60, ["parse"]))
+    pieces = list(run_pieces(t, cpu))
+    got = [(p.stack[0].name, p.start_ns // MS, p.end_ns // MS) for p in pieces]
+    # The run from 30 resumes in recv; the switch to parse is put halfway to where it was seen.
+    assert got == [("compute", 2, 10), ("recv", 30, 33), ("parse", 33, 40), ("parse", 50, 60)]
+    # An exact switch time (a span boundary) is used as it is.
+    got = [(p.stack[0].name, p.start_ns // MS, p.end_ns // MS)
+           for p in run_pieces(t, cpu, exact={36 * MS})]
+    assert got[1:3] == [("recv", 30, 36), ("parse", 36, 40)]
+    by: dict = {}
+    for p in pieces:
+        by[p.stack[0].name] = by.get(p.stack[0].name, 0) + cpu.oncpu_ns(2, p.start_ns, p.end_ns)
+    assert by == {"compute": 8 * MS, "recv": 3 * MS, "parse": 17 * MS}
 
 
 def test_add_probe_samples_attributes_and_clips():

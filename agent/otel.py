@@ -1,0 +1,79 @@
+"""One-line hookup for applications that use the OpenTelemetry SDK.
+
+    from agent.otel import SpanflameSpanProcessor
+    provider.add_span_processor(SpanflameSpanProcessor())
+
+Every span gets `spanflame.pid` and `spanflame.tid` (the OS thread id, `threading.get_native_id()`,
+the id py-spy and the kernel use) and `thread.name`, so that the spanflame agent can put each
+sample on the span that was running on its thread. A local root span also gets
+`pyroscope.profile.id` (its span id), which Grafana's "Profiles for this span" looks for.
+
+With `opentelemetry-instrument`, no code change is needed: the `spanflame` instrumentor entry
+point adds the processor to the global tracer provider.
+
+This module needs nothing beyond opentelemetry-sdk (and the standard library).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+
+ATTR_PID = "spanflame.pid"
+ATTR_TID = "spanflame.tid"
+ATTR_THREAD_NAME = "thread.name"
+ATTR_PROFILE_ID = "pyroscope.profile.id"
+
+
+class SpanflameSpanProcessor(SpanProcessor):
+    """Records where each span runs. Thread-safe; never blocks; costs a few attribute sets."""
+
+    def on_start(self, span: Span, parent_context=None) -> None:
+        span.set_attribute(ATTR_PID, os.getpid())
+        span.set_attribute(ATTR_TID, threading.get_native_id())
+        span.set_attribute(ATTR_THREAD_NAME, threading.current_thread().name)
+        parent = span.parent
+        if parent is None or parent.is_remote:
+            span.set_attribute(ATTR_PROFILE_ID, format(span.context.span_id, "016x"))
+
+    def on_end(self, span: ReadableSpan) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+def install(provider=None) -> bool:
+    """Add the processor to `provider` (default: the global one); False if it cannot take
+    span processors (the no-op provider of an app without the SDK)."""
+    provider = provider or trace.get_tracer_provider()
+    add = getattr(provider, "add_span_processor", None)
+    if add is None:
+        return False
+    add(SpanflameSpanProcessor())
+    return True
+
+
+try:  # the instrumentor exists only where opentelemetry-instrumentation is installed
+    from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+
+    class SpanflameInstrumentor(BaseInstrumentor):
+        """Entry point `opentelemetry_instrumentor: spanflame`, run by opentelemetry-instrument
+        after the SDK is configured."""
+
+        def instrumentation_dependencies(self):
+            return []
+
+        def _instrument(self, **kwargs) -> None:
+            install(kwargs.get("tracer_provider"))
+
+        def _uninstrument(self, **kwargs) -> None:
+            pass
+except ImportError:  # pragma: no cover - depends on the app's environment
+    pass

@@ -1,0 +1,246 @@
+"""Spans as the agent keeps them: `SpanRecord`, decoding from OTLP, and a bounded `SpanStore`.
+
+A span links to samples through the process and OS thread it ran on. `SpanflameSpanProcessor`
+(agent/otel.py) puts both on every span as `spanflame.pid` and `spanflame.tid`; spans without
+them are kept (the trace view shows them) but cannot be linked to samples.
+"""
+
+from __future__ import annotations
+
+import bisect
+import sys
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+#: Span attributes set by SpanflameSpanProcessor.
+ATTR_PID = "spanflame.pid"
+ATTR_TID = "spanflame.tid"
+ATTR_THREAD_NAME = "thread.name"
+#: Bounds on untrusted span data.
+MAX_NAME = 256
+MAX_ATTRS = 16
+MAX_ATTR_VALUE = 256
+
+
+@dataclass(frozen=True, slots=True)
+class SpanRecord:
+    trace_id: str           # 32 hex
+    span_id: str            # 16 hex
+    parent_span_id: str     # 16 hex, or "" for a root span
+    name: str
+    service: str
+    pid: int                # 0 when unknown
+    tid: int                # OS thread id, 0 when unknown
+    start_ns: int
+    end_ns: int
+    status: str = "unset"   # unset | ok | error
+    kind: str = "internal"
+    attributes: tuple[tuple[str, str], ...] = ()
+    parent_is_remote: bool = False
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+
+_KINDS = {0: "unspecified", 1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
+_STATUS = {0: "unset", 1: "ok", 2: "error"}
+# SpanFlags: 0x100 says whether the parent's is_remote is known, 0x200 that it is remote.
+_FLAG_HAS_REMOTE, _FLAG_REMOTE = 0x100, 0x200
+
+
+def _any_value(v) -> object:
+    which = v.WhichOneof("value")
+    if which is None:
+        return None
+    if which in ("array_value", "kvlist_value"):
+        return "<complex>"
+    if which == "bytes_value":
+        return v.bytes_value.hex()
+    return getattr(v, which)
+
+
+def _clip(s: str, n: int) -> str:
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+class InvalidSpan(ValueError):
+    pass
+
+
+def from_otlp(request) -> tuple[list[SpanRecord], list[str]]:
+    """SpanRecords from an ExportTraceServiceRequest, plus one reason per rejected span."""
+    out: list[SpanRecord] = []
+    rejected: list[str] = []
+    for rs in request.resource_spans:
+        res_attrs = {kv.key: _any_value(kv.value) for kv in rs.resource.attributes}
+        service = str(res_attrs.get("service.name") or "unknown_service")
+        res_pid = res_attrs.get("process.pid")
+        for ss in rs.scope_spans:
+            for sp in ss.spans:
+                try:
+                    out.append(_span(sp, service, res_pid))
+                except InvalidSpan as exc:
+                    rejected.append(str(exc))
+    return out, rejected
+
+
+def _span(sp, service: str, res_pid) -> SpanRecord:
+    if len(sp.trace_id) != 16 or not any(sp.trace_id):
+        raise InvalidSpan("span with an invalid trace_id (must be 16 non-zero bytes)")
+    if len(sp.span_id) != 8 or not any(sp.span_id):
+        raise InvalidSpan("span with an invalid span_id (must be 8 non-zero bytes)")
+    if sp.parent_span_id and len(sp.parent_span_id) != 8:
+        raise InvalidSpan("span with an invalid parent_span_id")
+    if sp.end_time_unix_nano < sp.start_time_unix_nano:
+        raise InvalidSpan("span that ends before it starts")
+    attrs = {}
+    pid = res_pid if isinstance(res_pid, int) else 0
+    tid = 0
+    for kv in sp.attributes:
+        val = _any_value(kv.value)
+        if kv.key == ATTR_PID and isinstance(val, int):
+            pid = val
+        elif kv.key == ATTR_TID and isinstance(val, int):
+            tid = val
+        elif len(attrs) < MAX_ATTRS and val is not None:
+            attrs[_clip(kv.key, 64)] = _clip(str(val), MAX_ATTR_VALUE)
+    flags = sp.flags
+    # Names and services repeat across spans: one copy each (memory per span held matters).
+    return SpanRecord(
+        trace_id=sp.trace_id.hex(), span_id=sp.span_id.hex(),
+        parent_span_id=sp.parent_span_id.hex() if sp.parent_span_id else "",
+        name=sys.intern(_clip(sp.name, MAX_NAME)), service=sys.intern(_clip(service, MAX_NAME)),
+        pid=pid, tid=tid,
+        start_ns=sp.start_time_unix_nano, end_ns=sp.end_time_unix_nano,
+        status=_STATUS.get(sp.status.code, "unset"), kind=_KINDS.get(sp.kind, "internal"),
+        attributes=tuple(sorted(attrs.items())),
+        parent_is_remote=bool(flags & _FLAG_HAS_REMOTE and flags & _FLAG_REMOTE))
+
+
+@dataclass
+class _ThreadSpans:
+    spans: list[SpanRecord] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    max_duration_ns: int = 0
+
+    def add(self, s: SpanRecord) -> None:
+        i = bisect.bisect_right(self.starts, s.start_ns)
+        self.starts.insert(i, s.start_ns)
+        self.spans.insert(i, s)
+        self.max_duration_ns = max(self.max_duration_ns, s.duration_ns)
+
+    def overlapping(self, start_ns: int, end_ns: int) -> list[SpanRecord]:
+        lo = bisect.bisect_left(self.starts, start_ns - self.max_duration_ns)
+        hi = bisect.bisect_right(self.starts, end_ns)
+        return [s for s in self.spans[lo:hi] if s.end_ns > start_ns and s.start_ns < end_ns]
+
+
+class SpanStore:
+    """Spans held in memory, bounded by count (oldest arrivals go first; evictions counted).
+
+    Thread-safe: the OTLP receiver adds from its server thread, linkers read from others.
+    """
+
+    def __init__(self, max_spans: int = 200_000) -> None:
+        self.max_spans = max_spans
+        self._lock = threading.Lock()
+        self._order: deque[SpanRecord] = deque()
+        self._by_thread: dict[tuple[int, int], _ThreadSpans] = {}
+        self._by_id: dict[str, SpanRecord] = {}
+        self._by_trace: dict[str, list[str]] = {}
+        self.received = 0
+        self.evicted = 0
+        self.unlinkable = 0
+        self.services: dict[int, str] = {}   # pid -> service.name of its spans
+        self._listeners: list = []
+
+    def add(self, spans: Iterable[SpanRecord]) -> int:
+        n = 0
+        added = []
+        with self._lock:
+            for s in spans:
+                if s.span_id in self._by_id:
+                    continue
+                self._by_id[s.span_id] = s
+                self._by_trace.setdefault(s.trace_id, []).append(s.span_id)
+                self._order.append(s)
+                if s.pid and s.tid:
+                    self._by_thread.setdefault((s.pid, s.tid), _ThreadSpans()).add(s)
+                    self.services[s.pid] = s.service
+                else:
+                    self.unlinkable += 1
+                n += 1
+                added.append(s)
+            self.received += n
+            while len(self._order) > self.max_spans:
+                self._evict(self._order.popleft())
+        for fn in self._listeners:
+            fn(added)
+        return n
+
+    def on_add(self, fn) -> None:
+        """Call fn(list_of_spans) after each add (from the adding thread)."""
+        self._listeners.append(fn)
+
+    def _evict(self, s: SpanRecord) -> None:
+        self.evicted += 1
+        self._by_id.pop(s.span_id, None)
+        ids = self._by_trace.get(s.trace_id)
+        if ids is not None:
+            try:
+                ids.remove(s.span_id)
+            except ValueError:
+                pass
+            if not ids:
+                del self._by_trace[s.trace_id]
+        ts = self._by_thread.get((s.pid, s.tid))
+        if ts is not None:
+            try:
+                i = ts.spans.index(s)
+                del ts.spans[i]
+                del ts.starts[i]
+            except ValueError:
+                pass
+            if not ts.spans:
+                del self._by_thread[(s.pid, s.tid)]
+
+    def thread_spans(self, pid: int, tid: int, start_ns: int, end_ns: int) -> list[SpanRecord]:
+        """Spans of (pid, tid) overlapping [start_ns, end_ns), sorted by start."""
+        with self._lock:
+            ts = self._by_thread.get((pid, tid))
+            return ts.overlapping(start_ns, end_ns) if ts else []
+
+    def threads_of(self, pid: int) -> list[int]:
+        with self._lock:
+            return [tid for (p, tid) in self._by_thread if p == pid]
+
+    def get(self, span_id: str) -> SpanRecord | None:
+        with self._lock:
+            return self._by_id.get(span_id)
+
+    def trace(self, trace_id: str) -> list[SpanRecord]:
+        with self._lock:
+            return [self._by_id[i] for i in self._by_trace.get(trace_id, ()) if i in self._by_id]
+
+    def local_root(self, s: SpanRecord) -> SpanRecord:
+        """The outermost ancestor of `s` in the same process (a span whose parent is remote or
+        not here)."""
+        with self._lock:
+            seen = 0
+            while s.parent_span_id and not s.parent_is_remote and seen < 256:
+                p = self._by_id.get(s.parent_span_id)
+                if p is None or p.pid != s.pid:
+                    break
+                s = p
+                seen += 1
+            return s
+
+    def all(self) -> Iterator[SpanRecord]:
+        with self._lock:
+            return iter(list(self._order))
+
+    def __len__(self) -> int:
+        return len(self._order)

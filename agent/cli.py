@@ -219,6 +219,111 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+# -- run ------------------------------------------------------------------------------------
+
+def _default_store() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/spanflame"
+    return os.path.join(os.path.expanduser("~"), ".local", "share", "spanflame")
+
+
+def _size(text: str) -> int:
+    t = text.strip().upper().replace("IB", "").replace("B", "")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if t and t[-1] in mult:
+            return int(float(t[:-1]) * mult[t[-1]])
+        return int(t)
+    except ValueError:
+        raise UsageError(f"invalid size {text!r}: use e.g. 10GiB, 500MiB") from None
+
+
+@cli.command()
+@click.option("--store", default=_default_store, show_default="/var/lib/spanflame as root, "
+              "else ~/.local/share/spanflame", envvar="SPANFLAME_STORE", metavar="DIR",
+              help="Directory of the embedded store.")
+@click.option("--listen", default="127.0.0.1:4040", show_default=True, envvar="SPANFLAME_LISTEN",
+              metavar="HOST:PORT", help="Web UI, HTTP API and Pyroscope-compatible ingest.")
+@click.option("--otlp-listen", default="127.0.0.1:4318", show_default=True,
+              envvar="SPANFLAME_OTLP_LISTEN", metavar="HOST:PORT", help="OTLP/HTTP traces.")
+@click.option("--rate", type=int, default=19, show_default=True, envvar="SPANFLAME_RATE",
+              metavar="HZ", help="Highest py-spy rate per process; the CPU budget may lower it.")
+@click.option("--window", type=float, default=10.0, show_default=True, envvar="SPANFLAME_WINDOW",
+              metavar="SECONDS", help="Length of one profile window.")
+@click.option("--probes", default="all", show_default=True, envvar="SPANFLAME_PROBES",
+              metavar="LIST", help="cpu and the eBPF probes offcpu, lock, io, net; or all.")
+@click.option("--include", default=None, envvar="SPANFLAME_INCLUDE", metavar="REGEX",
+              help="Profile only processes whose name or command line matches.")
+@click.option("--exclude", default=None, envvar="SPANFLAME_EXCLUDE", metavar="REGEX",
+              help="Never profile processes whose name or command line matches.")
+@click.option("--export-pyroscope", default=None, envvar="SPANFLAME_EXPORT_PYROSCOPE",
+              metavar="URL", help="Also push every profile to this Grafana Pyroscope.")
+@click.option("--export-pyroscope-tenant", default=None,
+              envvar="SPANFLAME_EXPORT_PYROSCOPE_TENANT", metavar="ID", help="X-Scope-OrgID.")
+@click.option("--export-pyroscope-user", default=None, envvar="SPANFLAME_EXPORT_PYROSCOPE_USER",
+              help="Basic auth user.")
+@click.option("--export-pyroscope-password", default=None,
+              envvar="SPANFLAME_EXPORT_PYROSCOPE_PASSWORD", help="Basic auth password.")
+@click.option("--export-pyroscope-token", default=None, envvar="SPANFLAME_EXPORT_PYROSCOPE_TOKEN",
+              help="Bearer token.")
+@click.option("--otlp-forward", default=None, envvar="SPANFLAME_OTLP_FORWARD", metavar="URL",
+              help="Forward received spans unchanged to this OTLP/HTTP endpoint.")
+@click.option("--auth-token", default=None, envvar="SPANFLAME_AUTH_TOKEN",
+              help="Require this bearer token for the UI, API and ingest.")
+@click.option("--retention-hours", type=float, default=72.0, show_default=True,
+              envvar="SPANFLAME_RETENTION_HOURS", help="Delete profiles older than this.")
+@click.option("--retention-size", default="10GiB", show_default=True,
+              envvar="SPANFLAME_RETENTION_SIZE", help="Keep the stored profiles under this size.")
+@click.option("--cpu-budget", type=float, default=1.0, show_default=True,
+              envvar="SPANFLAME_CPU_BUDGET", metavar="PERCENT",
+              help="Agent CPU (itself and py-spy) per 10 profiled processes, in % of one core.")
+@click.option("--span-wait", type=float, default=30.0, show_default=True,
+              envvar="SPANFLAME_SPAN_WAIT", metavar="SECONDS",
+              help="Longest a window waits for its spans before it is written.")
+def run(store: str, listen: str, otlp_listen: str, rate: int, window: float, probes: str,
+        include: str | None, exclude: str | None, export_pyroscope: str | None,
+        export_pyroscope_tenant, export_pyroscope_user, export_pyroscope_password,
+        export_pyroscope_token, otlp_forward: str | None, auth_token: str | None,
+        retention_hours: float, retention_size: str, cpu_budget: float, span_wait: float) -> None:
+    """Profile every Python process on this machine, continuously; serve the UI and API."""
+    import signal as _signal
+
+    from agent.attach import parse_probes
+    from agent.run import Agent, RunOptions
+
+    if not 1 <= rate <= 1000:
+        raise UsageError("--rate must be between 1 and 1000 Hz")
+    if not 1 <= window <= 600:
+        raise UsageError("--window must be between 1 and 600 seconds")
+    opts = RunOptions(
+        store=store, listen=listen, otlp_listen=otlp_listen, rate_hz=rate, window_s=window,
+        probes=parse_probes(probes), include=include, exclude=exclude,
+        export_pyroscope=export_pyroscope, export_tenant=export_pyroscope_tenant,
+        export_user=export_pyroscope_user, export_password=export_pyroscope_password,
+        export_token=export_pyroscope_token, otlp_forward=otlp_forward, auth_token=auth_token,
+        retention_hours=retention_hours, retention_bytes=_size(retention_size),
+        cpu_budget=cpu_budget / 100, span_wait_s=span_wait)
+    agent = Agent(opts).start()
+    click.echo(f"spanflame: agent on {agent.url} (UI and API), OTLP on {agent.otlp_url}/v1/traces, "
+               f"store {store}", err=True)
+    if agent.probes_off:
+        for name, why in agent.probes_off.items():
+            click.echo(f"spanflame: note: probe {name} off: {why}", err=True)
+    stop = [False]
+
+    def on_signal(signum, frame) -> None:
+        stop[0] = True
+        agent._stop.set()
+
+    _signal.signal(_signal.SIGTERM, on_signal)
+    _signal.signal(_signal.SIGINT, on_signal)
+    try:
+        agent.wait()
+    finally:
+        agent._stop.clear()
+        agent.close()
+
+
 # -- render ---------------------------------------------------------------------------------
 
 #: Largest input `render` reads, in bytes.

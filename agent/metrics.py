@@ -26,5 +26,37 @@ class Metrics:
         self.forward_retries = Counter(f"{NS}_otlp_forward_retries", "forwarding retries",
                                        registry=r)
 
+        self.ingest_requests = Counter(f"{NS}_ingest_requests",
+                                       "Pyroscope-compatible ingest requests by result",
+                                       ["endpoint", "result"], registry=r)
+        self.ingest_profiles = Counter(f"{NS}_ingest_profiles", "profiles ingested",
+                                       ["endpoint"], registry=r)
+        self.export_sent = Counter(f"{NS}_export_sent", "profiles pushed to Pyroscope",
+                                   registry=r)
+        self.export_dropped = Counter(f"{NS}_export_dropped",
+                                      "profiles not pushed to Pyroscope, by reason", ["reason"],
+                                      registry=r)
+        self.export_retries = Counter(f"{NS}_export_retries", "Pyroscope push retries",
+                                      registry=r)
+        self.processes = Gauge(f"{NS}_processes", "Python processes being profiled", registry=r)
+        self.windows = Counter(f"{NS}_windows", "profile windows written, by result", ["result"],
+                               registry=r)
+        self.sampler_failures = Counter(f"{NS}_sampler_failures",
+                                        "py-spy runs that failed (restarted with backoff)",
+                                        registry=r)
+        self.rate = Gauge(f"{NS}_sampling_rate_hz", "current py-spy sampling rate per process",
+                          registry=r)
+        self.agent_cpu = Gauge(f"{NS}_agent_cpu_ratio",
+                               "agent CPU (itself and py-spy) over the last window, in cores",
+                               registry=r)
+        self.store_bytes = Gauge(f"{NS}_store_bytes", "bytes of profiles in the store",
+                                 registry=r)
+        self.store_deleted = Counter(f"{NS}_store_deleted", "profiles deleted by retention",
+                                     registry=r)
+        self.probe_drops = Gauge(f"{NS}_probe_drops", "eBPF probe drops and errors, by kind",
+                                 ["kind"], registry=r)
+        self.api_requests = Counter(f"{NS}_api_requests", "HTTP API requests by endpoint and status",
+                                    ["endpoint", "status"], registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

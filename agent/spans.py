@@ -155,6 +155,7 @@ class SpanStore:
         self.evicted = 0
         self.unlinkable = 0
         self.services: dict[int, str] = {}   # pid -> service.name of its spans
+        self._latest: dict[int, int] = {}     # pid -> latest span start seen
         self._listeners: list = []
 
     def add(self, spans: Iterable[SpanRecord]) -> int:
@@ -170,6 +171,8 @@ class SpanStore:
                 if s.pid and s.tid:
                     self._by_thread.setdefault((s.pid, s.tid), _ThreadSpans()).add(s)
                     self.services[s.pid] = s.service
+                    if s.start_ns > self._latest.get(s.pid, 0):
+                        self._latest[s.pid] = s.start_ns
                 else:
                     self.unlinkable += 1
                 n += 1
@@ -212,6 +215,11 @@ class SpanStore:
         with self._lock:
             ts = self._by_thread.get((pid, tid))
             return ts.overlapping(start_ns, end_ns) if ts else []
+
+    def latest_start(self, pid: int) -> int | None:
+        """The latest start of a span received from `pid`, None if it never sent one."""
+        with self._lock:
+            return self._latest.get(pid)
 
     def threads_of(self, pid: int) -> list[int]:
         with self._lock:

@@ -185,6 +185,10 @@ class ProbeSession:
         """Profile `pid` from now on (its threads, in the kernel filter)."""
         if self._bpf is None or pid == os.getpid():
             return
+        with self._lock:
+            self._add_target(pid)
+
+    def _add_target(self, pid: int) -> None:
         b = self._bpf
         key = ctypes.c_uint32(pid)
         b[b"targets"][key] = ctypes.c_uint8(1)
@@ -234,6 +238,10 @@ class ProbeSession:
     def remove_target(self, pid: int) -> None:
         if self._bpf is None or pid not in self._targets:
             return
+        with self._lock:
+            self._remove_target(pid)
+
+    def _remove_target(self, pid: int) -> None:
         self._targets.discard(pid)
         b = self._bpf
         try:
@@ -357,6 +365,10 @@ class ProbeSession:
                                                 kinds.get(k.kind, "?"), v.value, v.count))
 
     def _read_open_runs(self) -> None:
+        self.data.open_runs = self._open_state()
+
+    def _open_state(self) -> dict[int, tuple[int, int | None, int | None, int]]:
+        out = {}
         for k, v in self._bpf[b"tstates"].items_lookup_batch():
             if v.tgid not in self._targets:
                 continue
@@ -364,7 +376,55 @@ class ProbeSession:
             # A thread now off CPU ended its run at off_start; one on CPU is still running.
             end = self._clock.real(v.off_start) if v.off_start else None
             tid = k.value if hasattr(k, "value") else int(k)
-            self.data.open_runs[tid] = (v.tgid, start, end, v.short_off)
+            out[tid] = (v.tgid, start, end, v.short_off)
+        return out
+
+    # -- continuous use (spanflame run) --------------------------------------------------------
+    def window(self, pid: int, start_ns: int, end_ns: int) -> ProbeData:
+        """The records of `pid` that touch [start_ns, end_ns), plus the open runs as of now,
+        for one profile window. Call it after the window has closed and a drain happened."""
+        with self._lock:
+            if self._bpf is None:
+                return ProbeData()
+            d = self.data
+            out = ProbeData(
+                runs=[r for r in d.runs if r.tgid == pid and r.run_end_ns >= start_ns - 60_000_000_000
+                      and (r.run_start_ns or r.run_end_ns) < end_ns],
+                lock_waits=[w for w in d.lock_waits if w.tgid == pid and w.end_ns >= start_ns
+                            and w.start_ns < end_ns],
+                io=[x for x in d.io if x.tgid == pid and start_ns <= x.start_ns < end_ns],
+                net=[x for x in d.net if x.tgid == pid and x.end_ns >= start_ns
+                     and x.start_ns < end_ns],
+                buckets=[b for b in d.buckets if b.tgid == pid
+                         and b.start_ns + b.width_ns > start_ns and b.start_ns < end_ns],
+                gil_ranges={pid: d.gil_ranges[pid]} if pid in d.gil_ranges else {},
+                counters=dict(d.counters), start_ns=start_ns, end_ns=end_ns)
+            try:
+                out.open_runs = {t: v for t, v in self._open_state().items() if v[0] == pid}
+            except Exception:  # a map read failing must not lose the window
+                log.exception("reading open runs failed")
+            return out
+
+    def prune(self, before_ns: int) -> int:
+        """Forget records that ended before `before_ns`; returns how many."""
+        with self._lock:
+            d = self.data
+            n0 = len(d.runs) + len(d.lock_waits) + len(d.io) + len(d.net) + len(d.buckets)
+            d.runs = [r for r in d.runs if (r.off_end_ns or r.run_end_ns) >= before_ns]
+            d.lock_waits = [w for w in d.lock_waits if w.end_ns >= before_ns]
+            d.io = [x for x in d.io if x.end_ns >= before_ns]
+            d.net = [x for x in d.net if x.end_ns >= before_ns]
+            d.buckets = [b for b in d.buckets if b.start_ns + b.width_ns >= before_ns]
+            self._kept = {"sched": len(d.runs), "lock": len(d.lock_waits), "io": len(d.io),
+                          "net": len(d.net)}
+            return n0 - (len(d.runs) + len(d.lock_waits) + len(d.io) + len(d.net) + len(d.buckets))
+
+    def read_counters(self) -> dict[str, int]:
+        with self._lock:
+            if self._bpf is not None:
+                self._read_counters()
+            self.data.counters["records_dropped"] = self._dropped["records"]
+            return dict(self.data.counters)
 
     def _read_counters(self) -> None:
         table = self._bpf[b"counters"]

@@ -1,0 +1,579 @@
+"""The continuous node agent (`spanflame run`): every Python process on this machine, all the time.
+
+Components, each with start()/close():
+
+- Discovery (every `scan_s`): new Python processes get a ProcessWorker; exits, execs and reused
+  PIDs stop theirs.
+- ProcessWorker (one thread per process): py-spy window after window, restarting a failed py-spy
+  with exponential backoff.
+- ProbeSession (shared): the eBPF probes, targets added and removed as processes come and go.
+- Pipeline (one thread): holds each finished window until its spans have arrived (or a bounded
+  wait), links samples to spans, builds one profile per sample type, stores them (and the spans
+  with their breakdowns), and hands them to the Pyroscope exporter.
+- Budget: after each round of windows, the agent's own CPU (itself and its py-spy processes)
+  is compared with the budget and the sampling rate adapts between 1 Hz and --rate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from agent.aggregate import add_pieces, fill_sample_counts, new_profile, timeline_pieces
+from agent.clocksync import estimate_error_ns, run_transitions, shift, span_transitions
+from agent.discovery import Discovery, Target
+from agent.errors import SamplerError, SpanflameError, TargetError
+from agent.k8s import PodResolver
+from agent.metrics import Metrics
+from agent.model import SAMPLE_TYPES, Profile
+from agent.pyspy import PySpyRecorder, Recording
+from agent.schedstat import SchedstatPoller
+from agent.spans import SpanStore
+from agent.store import Store
+from agent.timeline import PiecewiseCpu
+
+log = logging.getLogger(__name__)
+
+PROBE_TYPES = {"cpu": ("cpu",), "wall": ("wall",), "offcpu": ("off_cpu",),
+               "lock": ("lock_wait", "gil_wait"), "io": ("io_wait", "io"),
+               "net": ("net_wait", "net_send", "net_recv", "tcp_retransmits")}
+BPF_PROBES = ("offcpu", "lock", "io", "net")
+
+
+@dataclass
+class RunOptions:
+    store: str
+    listen: str = "127.0.0.1:4040"
+    otlp_listen: str = "127.0.0.1:4318"
+    rate_hz: int = 19
+    window_s: float = 10.0
+    probes: tuple[str, ...] = ("cpu", "offcpu", "lock", "io", "net")
+    include: str | None = None
+    exclude: str | None = None
+    export_pyroscope: str | None = None
+    export_tenant: str | None = None
+    export_user: str | None = None
+    export_password: str | None = None
+    export_token: str | None = None
+    otlp_forward: str | None = None
+    auth_token: str | None = None
+    node: str = field(default_factory=lambda: os.environ.get("SPANFLAME_NODE") or socket.gethostname())
+    retention_hours: float = 72.0
+    retention_bytes: int = 10 << 30
+    #: CPU budget: cores per 10 profiled processes (0.01 = 1% of one core)
+    cpu_budget: float = 0.01
+    span_wait_s: float = 30.0
+    scan_s: float = 2.0
+    max_spans: int = 200_000
+
+
+@dataclass
+class WindowJob:
+    target: Target
+    recording: Recording
+    schedstat: PiecewiseCpu | None
+    start_ns: int
+    end_ns: int
+    labels: dict
+    done_at: float = field(default_factory=time.monotonic)
+
+
+class ProcessWorker:
+    """py-spy window after window on one process; never raises out of its thread."""
+
+    def __init__(self, agent: "Agent", target: Target, labels: dict) -> None:
+        self.agent = agent
+        self.target = target
+        self.labels = labels
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"spanflame-pid-{target.pid}",
+                                        daemon=True)
+        self.failures = 0
+        self.windows = 0
+        self.pyspy_cpu_s = 0.0
+
+    def start(self) -> "ProcessWorker":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        backoff = 1.0
+        a = self.agent
+        pid = self.target.pid
+        while not self._stop.is_set():
+            rec = PySpyRecorder(pid, rate_hz=a.rate_hz, idle=a.bpf_on, output="chrometrace")
+            cpu = None
+            poller = None
+            if not a.bpf_on:
+                cpu = PiecewiseCpu()
+                poller = SchedstatPoller(pid, rate_hz=20, cpu=cpu)
+            try:
+                with rec:
+                    if poller is not None:
+                        poller.start()
+                    deadline = time.monotonic() + a.opts.window_s
+                    while time.monotonic() < deadline and rec.running():
+                        if self._stop.wait(0.2):
+                            break
+                    self.pyspy_cpu_s += _proc_cpu_s(rec)
+                    rec.stop()
+                    recording = rec.wait()
+            except (SamplerError, TargetError) as exc:
+                self.failures += 1
+                a.metrics.sampler_failures.inc()
+                if not _same_process(self.target):
+                    return
+                log.warning("py-spy on PID %d failed (%s); retrying in %.0f s", pid, exc, backoff)
+                if self._stop.wait(backoff):
+                    return
+                backoff = min(60.0, backoff * 2)
+                continue
+            except Exception:  # loop edge: log once, keep the agent alive
+                log.exception("worker for PID %d failed", pid)
+                self.failures += 1
+                if self._stop.wait(backoff):
+                    return
+                backoff = min(60.0, backoff * 2)
+                continue
+            finally:
+                if poller is not None:
+                    poller.close()
+            backoff = 1.0
+            self.windows += 1
+            if recording.threads:
+                a.pipeline.submit(WindowJob(self.target, recording, cpu, recording.start_ns,
+                                            recording.end_ns, dict(self.labels)))
+            if recording.target_exited or not _same_process(self.target):
+                return
+
+
+def _proc_cpu_s(rec: PySpyRecorder) -> float:
+    """CPU seconds the py-spy process used so far (read before it exits)."""
+    proc = getattr(rec, "_proc", None)
+    if proc is None:
+        return 0.0
+    try:
+        with open(f"/proc/{proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _same_process(t: Target) -> bool:
+    try:
+        import psutil
+        return psutil.Process(t.pid).create_time() == t.create_time
+    except Exception:  # gone or unreadable: not the same process any more
+        return False
+
+
+class Pipeline:
+    """Turns finished windows into stored profiles (one thread)."""
+
+    def __init__(self, agent: "Agent") -> None:
+        self.agent = agent
+        self._jobs: list[WindowJob] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spanflame-pipeline", daemon=True)
+        self.max_pending = 2000
+        self.dropped = 0
+
+    def start(self) -> "Pipeline":
+        self._thread.start()
+        return self
+
+    def submit(self, job: WindowJob) -> None:
+        with self._lock:
+            if len(self._jobs) >= self.max_pending:
+                self.dropped += 1
+                self.agent.metrics.windows.labels(result="dropped").inc()
+                return
+            self._jobs.append(job)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._jobs)
+
+    def _ready(self, job: WindowJob, now: float) -> bool:
+        """A window waits for its spans: until the app has sent a span that started after the
+        window ended (batch exporters send in order), at most span_wait_s. A process that has
+        never sent spans does not wait."""
+        a = self.agent
+        waited = now - job.done_at
+        if waited >= a.opts.span_wait_s:
+            return True
+        if waited < 0.6:  # one probe drain at least
+            return False
+        latest = a.spans.latest_start(job.target.pid)
+        if latest is None:
+            return True
+        return latest > job.end_ns
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            now = time.monotonic()
+            with self._lock:
+                ready = [j for j in self._jobs if self._ready(j, now)]
+                self._jobs = [j for j in self._jobs if j not in ready]
+            for job in ready:
+                try:
+                    self.agent.build_window(job)
+                    self.agent.metrics.windows.labels(result="ok").inc()
+                except Exception:  # loop edge: one bad window must not stop the agent
+                    log.exception("building window of PID %d failed", job.target.pid)
+                    self.agent.metrics.windows.labels(result="failed").inc()
+            if ready:
+                self.agent.after_round()
+
+    def close(self, flush: bool = True) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        if flush:
+            with self._lock:
+                jobs, self._jobs = self._jobs, []
+            for job in jobs:
+                try:
+                    self.agent.build_window(job)
+                except Exception:
+                    log.exception("flushing window of PID %d failed", job.target.pid)
+
+
+class Agent:
+    def __init__(self, opts: RunOptions) -> None:
+        self.opts = opts
+        self.metrics = Metrics()
+        self.store = Store(opts.store, retention_s=opts.retention_hours * 3600,
+                           max_bytes=opts.retention_bytes)
+        self.spans = SpanStore(max_spans=opts.max_spans)
+        self.discovery = Discovery(opts.include, opts.exclude)
+        self.pods = PodResolver(opts.node)
+        self.pipeline = Pipeline(self)
+        self.workers: dict[int, ProcessWorker] = {}
+        self.session = None
+        self.bpf_on = False
+        self.probes_off: dict[str, str] = {}
+        self.rate_hz = max(1, opts.rate_hz)
+        self.exporter = None
+        self.forwarder = None
+        self.servers = []
+        self._stop = threading.Event()
+        self._scan_thread = threading.Thread(target=self._scan_loop, name="spanflame-discovery",
+                                             daemon=True)
+        self._last_usage = None
+        self._persisted_spans: set[str] = set()
+        self.started_ns = 0
+        self.metrics.rate.set(self.rate_hz)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> "Agent":
+        from agent.server import build_apps
+
+        self.started_ns = time.time_ns()
+        bpf = [p for p in self.opts.probes if p in BPF_PROBES]
+        if bpf:
+            from probes.session import ProbeSession
+            self.session = ProbeSession(bpf, max_records=500_000)
+            self.session.start([])
+            self.bpf_on = bool(self.session.active)
+            self.probes_off = dict(self.session.off)
+            for name, why in self.probes_off.items():
+                log.warning("probe %s off: %s", name, why)
+        if self.opts.export_pyroscope:
+            from agent.pyroscope_export import PyroscopeExporter
+            self.exporter = PyroscopeExporter(
+                self.opts.export_pyroscope, tenant=self.opts.export_tenant,
+                user=self.opts.export_user, password=self.opts.export_password,
+                token=self.opts.export_token, metrics=self.metrics).start()
+        if self.opts.otlp_forward:
+            from agent.otlp_forward import OtlpForwarder
+            self.forwarder = OtlpForwarder(self.opts.otlp_forward, metrics=self.metrics).start()
+        from agent.httpserver import ServerThread, parse_listen
+        main_app, otlp_app = build_apps(self)
+        host, port = parse_listen(self.opts.listen)
+        self.servers.append(ServerThread(main_app, host, port, name="http").start())
+        ohost, oport = parse_listen(self.opts.otlp_listen)
+        if (ohost, oport) != (host, port):
+            self.servers.append(ServerThread(otlp_app, ohost, oport, name="otlp").start())
+        self.pipeline.start()
+        self._scan_thread.start()
+        return self
+
+    @property
+    def url(self) -> str:
+        return self.servers[0].url if self.servers else ""
+
+    @property
+    def otlp_url(self) -> str:
+        return self.servers[-1].url if self.servers else ""
+
+    def close(self) -> None:
+        """Stop sampling, write what is pending, stop serving (idempotent)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._scan_thread.is_alive():
+            self._scan_thread.join(timeout=10)
+        for w in list(self.workers.values()):
+            w.close()
+        for w in list(self.workers.values()):
+            w.join(timeout=self.opts.window_s + 10)
+        self.pipeline.close(flush=True)
+        self._persist_spans(final=True)
+        if self.session is not None:
+            self.session.close()
+        if self.exporter is not None:
+            self.exporter.close()
+        if self.forwarder is not None:
+            self.forwarder.close()
+        for s in self.servers:
+            s.close()
+        self.store.close()
+
+    def wait(self) -> None:
+        """Block until close() or a signal handler sets the stop flag."""
+        while not self._stop.wait(1.0):
+            pass
+
+    # -- discovery ------------------------------------------------------------------------------
+    def _scan_loop(self) -> None:
+        next_retention = 0.0
+        while not self._stop.is_set():
+            try:
+                self.scan_once()
+                if time.monotonic() >= next_retention:
+                    next_retention = time.monotonic() + 60
+                    deleted = self.store.enforce_retention()
+                    if deleted:
+                        self.metrics.store_deleted.inc(deleted)
+                    self.metrics.store_bytes.set(self.store.data_bytes())
+            except Exception:  # loop edge
+                log.exception("discovery failed")
+            self._stop.wait(self.opts.scan_s)
+
+    def scan_once(self) -> None:
+        found = self.discovery.scan()
+        for pid, w in list(self.workers.items()):
+            t = found.get(pid)
+            if t is None or t.key != w.target.key or not w.alive:
+                w.close()
+                del self.workers[pid]
+                if self.session is not None:
+                    self.session.remove_target(pid)
+        for pid, t in found.items():
+            if pid in self.workers:
+                continue
+            labels = {"pid": pid, "node": self.opts.node, "process": t.name}
+            labels.update(self.pods.labels(pid))
+            if self.session is not None and self.bpf_on:
+                self.session.add_target(pid)
+            self.workers[pid] = ProcessWorker(self, t, labels).start()
+            log.info("profiling PID %d (%s)", pid, t.name)
+        self.metrics.processes.set(len(self.workers))
+
+    # -- windows --------------------------------------------------------------------------------
+    def service_name(self, target: Target) -> str:
+        return self.spans.services.get(target.pid) or target.name or f"pid-{target.pid}"
+
+    def build_window(self, job: WindowJob) -> None:
+        """Link, build and store the profiles of one finished window."""
+        from agent.spansummary import breakdowns
+        from agent.tracelink import TraceLinker
+        from agent.waits import RunsCpu, add_probe_samples, run_pieces
+
+        pid = job.target.pid
+        rec = job.recording
+        start, end = job.start_ns, job.end_ns
+        data = self.session.window(pid, start, end) if self.bpf_on else None
+        transitions = run_transitions(data, pid) if data is not None else {}
+        for tid, ts in span_transitions(self.spans, pid, start, end).items():
+            transitions[tid] = sorted(transitions.get(tid, []) + ts)
+        err = estimate_error_ns(list(rec.threads.values()), transitions, self.rate_hz)
+        threads = {t: shift(tl, -err) for t, tl in rec.threads.items()} if err else rec.threads
+        linker = TraceLinker(self.spans, self.rate_hz, window=(start - 1, end + 1))
+        tls = [linker.snap(tl) for tl in threads.values()]
+        types = []
+        for p in self.opts.probes:
+            if p in ("cpu", "wall") or (self.bpf_on and p in self.session.active):
+                types += [t for t in PROBE_TYPES[p] if t not in types]
+        types.sort(key=list(SAMPLE_TYPES).index)
+        if "wall" in types and not self.bpf_on:
+            types.remove("wall")  # without probes py-spy records running threads only
+        profile = new_profile(types, self.rate_hz, start, end)
+        if self.bpf_on:
+            cpu = RunsCpu(data, pid, start, end, fallback=job.schedstat)
+            for tl in tls:
+                exact = linker.exact_changes.get((tl.pid, tl.tid), set())
+                add_pieces(profile, linker.link_pieces(run_pieces(tl, cpu, exact)), cpu,
+                           types=("cpu",))
+            if "wall" in types:
+                add_pieces(profile, linker.link_pieces(timeline_pieces(tls, cpu)), None,
+                           types=("wall",))
+            add_probe_samples(profile, pid, threads, data, window=(start, end), linker=linker)
+        else:
+            cpu = job.schedstat
+            add_pieces(profile, linker.link_pieces(timeline_pieces(tls, cpu)), cpu,
+                       types=("cpu",))
+        fill_sample_counts(profile)
+        service = self.service_name(job.target)
+        labels = {**job.labels, "service_name": service}
+        span_ids = _span_ids(profile)
+        for t in types:
+            if not profile.has_type(t) or not profile.total(t):
+                continue
+            single = _only(profile, t)
+            self.store.add_profile(single, type_name=t, service=service, pid=pid, labels=labels,
+                                   source="agent", spans=span_ids.get(t, ()))
+            if self.exporter is not None:
+                self.exporter.submit(single, t, labels)
+        mine = [s for s in self.spans.all() if s.pid == pid and s.end_ns > start
+                and s.start_ns < end]
+        if mine:
+            bds = {b.span_id: b for b in breakdowns(mine, self.spans, cpu, data, profile,
+                                                    window=(start, end))}
+            self._store_spans(mine, bds, (start, end))
+        if data is not None:
+            self.metrics.probe_drops.labels(kind="records_dropped").set(
+                data.counters.get("records_dropped", 0))
+
+    def _store_spans(self, spans, bds: dict, window: tuple[int, int]) -> None:
+        rows = []
+        for s in spans:
+            b = bds.get(s.span_id)
+            bd = b.to_dict() if b is not None else None
+            if bd is not None and (s.start_ns < window[0] or s.end_ns > window[1]):
+                prev = self.store.span(s.span_id)  # a span across windows: add the parts up
+                if prev and prev.get("breakdown"):
+                    pb = prev["breakdown"]
+                    if window[0] not in pb.get("windows", []):
+                        for k in ("cpu_ns", "lock_ns", "gil_ns", "io_ns", "net_ns", "other_ns",
+                                  "children_ns", "unaccounted_ns", "samples"):
+                            bd[k] = bd.get(k, 0) + pb.get(k, 0)
+                        bd["windows"] = pb.get("windows", []) + [window[0]]
+                else:
+                    bd["windows"] = [window[0]]
+            rows.append({**_span_row(s), "breakdown": bd})
+            self._persisted_spans.add(s.span_id)
+        self.store.add_spans(rows)
+
+    def _persist_spans(self, final: bool = False) -> None:
+        """Spans of processes we do not profile (and any not yet stored), once they are old
+        enough that no window will claim them."""
+        cutoff = time.time_ns() - (0 if final else int(self.opts.span_wait_s * 2e9))
+        rows = [_span_row(s) for s in self.spans.all()
+                if s.end_ns < cutoff and s.span_id not in self._persisted_spans]
+        if rows:
+            self.store.add_spans([{**r, "breakdown": None} for r in rows])
+            self._persisted_spans.update(r["span_id"] for r in rows)
+        if len(self._persisted_spans) > 4 * self.opts.max_spans:
+            self._persisted_spans = {s.span_id for s in self.spans.all()}
+
+    def after_round(self) -> None:
+        """Housekeeping after windows were built: spans, probe records, the CPU budget."""
+        self._persist_spans()
+        if self.session is not None and self.bpf_on:
+            oldest = time.time_ns() - int((self.opts.span_wait_s + 3 * self.opts.window_s) * 1e9)
+            self.session.prune(oldest)
+            for k, v in self.session.read_counters().items():
+                self.metrics.probe_drops.labels(kind=k).set(v)
+        self._adapt_rate()
+
+    def _adapt_rate(self) -> None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        now = time.monotonic()
+        cpu = usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime
+        if self._last_usage is None:
+            self._last_usage = (now, cpu)
+            return
+        t0, c0 = self._last_usage
+        if now - t0 < self.opts.window_s:
+            return
+        self._last_usage = (now, cpu)
+        used = (cpu - c0) / (now - t0)
+        self.metrics.agent_cpu.set(used)
+        n = max(1, len(self.workers))
+        budget = self.opts.cpu_budget * max(1.0, n / 10)
+        if used <= 0:
+            return
+        factor = (budget / used) ** 0.7
+        new = int(max(1, min(self.opts.rate_hz, round(self.rate_hz * factor))))
+        if new != self.rate_hz:
+            log.info("agent CPU %.2f%% of a core for %d processes (budget %.2f%%): rate %d -> %d Hz",
+                     100 * used, n, 100 * budget, self.rate_hz, new)
+            self.rate_hz = new
+            self.metrics.rate.set(new)
+
+    # -- ingest -----------------------------------------------------------------------------------
+    def ingest(self, profile: Profile, service: str, labels: dict) -> None:
+        """Store a profile pushed by an app (Pyroscope-compatible ingest): one per sample type."""
+        span_ids = _span_ids(profile)
+        for t in profile.sample_types:
+            if t.name == "samples" or not profile.total(t.name):
+                continue
+            single = _only(profile, t.name)
+            self.store.add_profile(single, type_name=t.name, service=service,
+                                   pid=int(labels.get("pid", 0) or 0) if str(labels.get("pid", "")).isdigit() else 0,
+                                   labels={**labels, "service_name": service}, source="ingest",
+                                   spans=span_ids.get(t.name, ()))
+            if self.exporter is not None:
+                self.exporter.submit(single, t.name, {**labels, "service_name": service})
+
+
+def _only(profile: Profile, type_name: str) -> Profile:
+    """The profile reduced to one sample type (plus samples/count when it has it)."""
+    keep = [t for t in profile.sample_types if t.name in (type_name, "samples")]
+    out = Profile(keep, period_type=profile.period_type, period=profile.period,
+                  time_ns=profile.time_ns, duration_ns=profile.duration_ns,
+                  default_sample_type=type_name)
+    idx = [profile.index(t.name) for t in keep]
+    ti = profile.index(type_name)
+    for (stack, labels), vec in profile.samples.items():
+        if vec[ti]:
+            out.add_vector(stack, labels, [vec[i] for i in idx])
+    return out
+
+
+def _span_ids(profile: Profile) -> dict[str, set[tuple[str, str]]]:
+    """type -> {(span_id, trace_id)} of the samples that carry a span and a value of that type."""
+    out: dict[str, set] = {}
+    names = [t.name for t in profile.sample_types]
+    for (stack, labels), vec in profile.samples.items():
+        sid = tid = None
+        for k, v in labels:
+            if k == "span_id":
+                sid = v
+            elif k == "trace_id":
+                tid = v
+        if sid is None:
+            continue
+        for i, v in enumerate(vec):
+            if v:
+                out.setdefault(names[i], set()).add((str(sid), str(tid or "")))
+    return out
+
+
+def _span_row(s) -> dict:
+    return {"span_id": s.span_id, "trace_id": s.trace_id, "parent_span_id": s.parent_span_id,
+            "name": s.name, "service": s.service, "pid": s.pid, "tid": s.tid,
+            "start_ns": s.start_ns, "end_ns": s.end_ns, "status": s.status, "kind": s.kind,
+            "attributes": dict(s.attributes)}
+
+
+__all__ = ["Agent", "RunOptions", "SpanflameError"]

@@ -1,0 +1,382 @@
+"""The embedded store: an SQLite database (WAL) under --store with one gzipped pprof per process,
+window and sample type, the spans and their breakdowns, and an index of which spans each profile
+holds.
+
+Crash safety: every write is one transaction; SQLite commits in WAL mode with synchronous=FULL
+are durable once `commit` returns, so a kill -9 (or power loss) at any moment loses nothing that
+was acknowledged. Retention (by age and total size) deletes whole profiles.
+
+Queries merge the profiles of a time range (and label filters) into one Profile. A span query
+reads only the profiles whose index says they hold the span.
+
+Threading: one connection per thread (sqlite3 objects are not shared); writers serialise on
+SQLite's own lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from agent import pprof
+from agent.errors import SpanflameError
+from agent.model import Profile
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS profiles (
+    id INTEGER PRIMARY KEY,
+    start_ns INTEGER NOT NULL,
+    end_ns INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    service TEXT NOT NULL,
+    pid INTEGER NOT NULL DEFAULT 0,
+    labels TEXT NOT NULL,
+    source TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    total INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS profiles_time ON profiles(type, start_ns);
+CREATE INDEX IF NOT EXISTS profiles_service ON profiles(service, type, start_ns);
+CREATE TABLE IF NOT EXISTS blobs (
+    id INTEGER PRIMARY KEY,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS profile_spans (
+    span_id TEXT NOT NULL,
+    trace_id TEXT NOT NULL,
+    profile_id INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS profile_spans_span ON profile_spans(span_id);
+CREATE INDEX IF NOT EXISTS profile_spans_trace ON profile_spans(trace_id);
+CREATE INDEX IF NOT EXISTS profile_spans_profile ON profile_spans(profile_id);
+CREATE TABLE IF NOT EXISTS spans (
+    span_id TEXT PRIMARY KEY,
+    trace_id TEXT NOT NULL,
+    parent_span_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    service TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    tid INTEGER NOT NULL,
+    start_ns INTEGER NOT NULL,
+    end_ns INTEGER NOT NULL,
+    duration_ns INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    attributes TEXT NOT NULL,
+    breakdown TEXT
+);
+CREATE INDEX IF NOT EXISTS spans_trace ON spans(trace_id);
+CREATE INDEX IF NOT EXISTS spans_time ON spans(start_ns);
+CREATE INDEX IF NOT EXISTS spans_duration ON spans(service, duration_ns);
+"""
+
+#: Series label keys kept in the index (queries filter on them without decoding).
+INDEX_LABELS = ("service_name", "pid", "node", "container_id", "namespace", "pod", "container")
+
+
+@dataclass(frozen=True)
+class StoredProfile:
+    id: int
+    start_ns: int
+    end_ns: int
+    type: str
+    service: str
+    pid: int
+    labels: dict
+    source: str
+    size: int
+
+
+class Store:
+    def __init__(self, path: str | os.PathLike, *, retention_s: float = 72 * 3600,
+                 max_bytes: int = 10 << 30) -> None:
+        self.dir = Path(path)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpanflameError(f"cannot use store {self.dir}: {exc.strerror or exc}") from None
+        self.db_path = self.dir / "spanflame.db"
+        self.retention_s = retention_s
+        self.max_bytes = max_bytes
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self.writes = 0
+        self.deleted = 0
+        try:
+            con = self._con()
+            con.executescript(SCHEMA)
+            con.commit()
+        except sqlite3.Error as exc:
+            raise SpanflameError(f"cannot open store {self.db_path}: {exc}") from None
+
+    def _con(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self.db_path, timeout=30, isolation_level=None,
+                                  check_same_thread=True)
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+            con.execute("PRAGMA foreign_keys=OFF")
+            con.execute("PRAGMA busy_timeout=30000")
+            self._local.con = con
+        return con
+
+    def close(self) -> None:
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None
+
+    # -- writing ------------------------------------------------------------------------------
+    def add_profile(self, profile: Profile, *, type_name: str, service: str, pid: int = 0,
+                    labels: dict | None = None, source: str = "agent",
+                    spans: Iterable[tuple[str, str]] = ()) -> int:
+        """Store `profile` (gzipped pprof) as the `type_name` profile of a series; `spans` are the
+        (span_id, trace_id) pairs its samples carry. Returns the profile id once durable."""
+        data = pprof.encode(profile)
+        return self.add_raw(data, start_ns=profile.time_ns,
+                            end_ns=profile.time_ns + profile.duration_ns, type_name=type_name,
+                            service=service, pid=pid, labels=labels or {}, source=source,
+                            spans=spans, total=profile.total(type_name)
+                            if profile.has_type(type_name) else 0)
+
+    def add_raw(self, data: bytes, *, start_ns: int, end_ns: int, type_name: str, service: str,
+                pid: int, labels: dict, source: str, spans: Iterable[tuple[str, str]] = (),
+                total: int = 0) -> int:
+        con = self._con()
+        with self._write_lock:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                cur = con.execute(
+                    "INSERT INTO profiles(start_ns, end_ns, type, service, pid, labels, source, "
+                    "size, total) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (start_ns, end_ns, type_name, service, pid,
+                     json.dumps(labels, sort_keys=True), source, len(data), total))
+                pid_row = cur.lastrowid
+                con.execute("INSERT INTO blobs(id, data) VALUES (?, ?)", (pid_row, data))
+                con.executemany("INSERT INTO profile_spans(span_id, trace_id, profile_id) "
+                                "VALUES (?,?,?)", [(s, t, pid_row) for s, t in spans])
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        self.writes += 1
+        return pid_row
+
+    def add_spans(self, rows: Sequence[dict]) -> None:
+        """Insert or replace spans (dicts with SpanRecord fields, plus an optional breakdown)."""
+        if not rows:
+            return
+        con = self._con()
+        with self._write_lock:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                con.executemany(
+                    "INSERT OR REPLACE INTO spans(span_id, trace_id, parent_span_id, name, "
+                    "service, pid, tid, start_ns, end_ns, duration_ns, status, kind, attributes, "
+                    "breakdown) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [(r["span_id"], r["trace_id"], r.get("parent_span_id", ""), r["name"],
+                      r["service"], r.get("pid", 0), r.get("tid", 0), r["start_ns"], r["end_ns"],
+                      r["end_ns"] - r["start_ns"], r.get("status", "unset"),
+                      r.get("kind", "internal"), json.dumps(r.get("attributes", {})),
+                      json.dumps(r["breakdown"]) if r.get("breakdown") is not None else None)
+                     for r in rows])
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+    # -- reading ------------------------------------------------------------------------------
+    def find(self, *, start_ns: int, end_ns: int, type_name: str, service: str | None = None,
+             pid: int | None = None, labels: dict | None = None,
+             span_id: str | None = None, trace_id: str | None = None,
+             limit: int = 100_000) -> list[StoredProfile]:
+        """Profiles of `type_name` overlapping [start_ns, end_ns) that match every filter."""
+        q = ["SELECT p.id, p.start_ns, p.end_ns, p.type, p.service, p.pid, p.labels, p.source, "
+             "p.size FROM profiles p"]
+        args: list = []
+        where = ["p.type = ?", "p.start_ns < ?", "p.end_ns > ?"]
+        args += [type_name, end_ns, start_ns]
+        if span_id or trace_id:
+            q.append("JOIN profile_spans s ON s.profile_id = p.id")
+            if span_id:
+                where.append("s.span_id = ?")
+                args.append(span_id)
+            if trace_id:
+                where.append("s.trace_id = ?")
+                args.append(trace_id)
+        if service is not None:
+            where.append("p.service = ?")
+            args.append(service)
+        if pid is not None:
+            where.append("p.pid = ?")
+            args.append(pid)
+        q.append("WHERE " + " AND ".join(where))
+        q.append("GROUP BY p.id ORDER BY p.start_ns LIMIT ?")
+        args.append(limit)
+        rows = self._con().execute(" ".join(q), args).fetchall()
+        out = []
+        for r in rows:
+            lab = json.loads(r[6])
+            if labels and any(str(lab.get(k)) != str(v) for k, v in labels.items()):
+                continue
+            out.append(StoredProfile(r[0], r[1], r[2], r[3], r[4], r[5], lab, r[7], r[8]))
+        return out
+
+    def blob(self, profile_id: int) -> bytes | None:
+        row = self._con().execute("SELECT data FROM blobs WHERE id = ?", (profile_id,)).fetchone()
+        return row[0] if row else None
+
+    def merged(self, found: Sequence[StoredProfile], *, sample_labels: dict | None = None,
+               type_name: str | None = None) -> Profile | None:
+        """Decode and merge stored profiles, keeping samples whose labels match `sample_labels`."""
+        merged = None
+        for sp in found:
+            data = self.blob(sp.id)
+            if data is None:
+                continue
+            try:
+                prof = pprof.decode(data)
+            except SpanflameError as exc:  # a stored blob we cannot read: skip it, log once
+                log.warning("stored profile %d unreadable: %s", sp.id, exc)
+                continue
+            if sample_labels:
+                prof = prof.filtered(sample_labels)
+            if merged is None:
+                merged = prof
+            else:
+                merged.merge(prof)
+        if merged is not None and type_name:
+            merged.default_sample_type = type_name
+        return merged
+
+    def services(self, start_ns: int = 0, end_ns: int = 1 << 62) -> list[dict]:
+        rows = self._con().execute(
+            "SELECT service, type, COUNT(*), MIN(start_ns), MAX(end_ns), GROUP_CONCAT(DISTINCT pid) "
+            "FROM profiles WHERE start_ns < ? AND end_ns > ? GROUP BY service, type "
+            "ORDER BY service, type", (end_ns, start_ns)).fetchall()
+        out: dict[str, dict] = {}
+        for service, t, n, lo, hi, pids in rows:
+            d = out.setdefault(service, {"service": service, "types": [], "profiles": 0,
+                                         "pids": set(), "from_ns": lo, "until_ns": hi})
+            d["types"].append(t)
+            d["profiles"] += n
+            d["pids"] |= {int(p) for p in (pids or "").split(",") if p and p != "0"}
+            d["from_ns"] = min(d["from_ns"], lo)
+            d["until_ns"] = max(d["until_ns"], hi)
+        return [{**d, "pids": sorted(d["pids"])} for d in out.values()]
+
+    def timeline(self, *, start_ns: int, end_ns: int, type_name: str, buckets: int = 60,
+                 service: str | None = None, pid: int | None = None) -> list[list[int]]:
+        """[bucket start ns, total value] over the range: activity over time without decoding."""
+        width = max(1, (end_ns - start_ns) // buckets)
+        q = ("SELECT (start_ns - ?) / ?, SUM(total) FROM profiles WHERE type = ? AND "
+             "start_ns >= ? AND start_ns < ?")
+        args: list = [start_ns, width, type_name, start_ns, end_ns]
+        if service is not None:
+            q += " AND service = ?"
+            args.append(service)
+        if pid is not None:
+            q += " AND pid = ?"
+            args.append(pid)
+        q += " GROUP BY 1 ORDER BY 1"
+        got = {int(b): int(v or 0) for b, v in self._con().execute(q, args).fetchall()}
+        return [[start_ns + i * width, got.get(i, 0)] for i in range(buckets)]
+
+    def span(self, span_id: str) -> dict | None:
+        rows = self._spans("WHERE span_id = ?", (span_id,))
+        return rows[0] if rows else None
+
+    def trace(self, trace_id: str) -> list[dict]:
+        return self._spans("WHERE trace_id = ? ORDER BY start_ns", (trace_id,))
+
+    def slow_spans(self, *, start_ns: int, end_ns: int, service: str | None = None,
+                   name: str | None = None, min_duration_ns: int = 0,
+                   limit: int = 100) -> list[dict]:
+        where = ["start_ns < ?", "end_ns > ?", "duration_ns >= ?"]
+        args: list = [end_ns, start_ns, min_duration_ns]
+        if service:
+            where.append("service = ?")
+            args.append(service)
+        if name:
+            where.append("name = ?")
+            args.append(name)
+        args.append(limit)
+        return self._spans("WHERE " + " AND ".join(where) + " ORDER BY duration_ns DESC LIMIT ?",
+                           args)
+
+    def spans_named(self, name: str, service: str, start_ns: int, end_ns: int,
+                    limit: int = 200) -> list[dict]:
+        return self._spans("WHERE name = ? AND service = ? AND start_ns < ? AND end_ns > ? "
+                           "ORDER BY start_ns DESC LIMIT ?", (name, service, end_ns, start_ns, limit))
+
+    def _spans(self, where: str, args) -> list[dict]:
+        rows = self._con().execute(
+            "SELECT span_id, trace_id, parent_span_id, name, service, pid, tid, start_ns, end_ns, "
+            "duration_ns, status, kind, attributes, breakdown FROM spans " + where, args).fetchall()
+        keys = ("span_id", "trace_id", "parent_span_id", "name", "service", "pid", "tid",
+                "start_ns", "end_ns", "duration_ns", "status", "kind")
+        out = []
+        for r in rows:
+            d = dict(zip(keys, r[:12]))
+            d["attributes"] = json.loads(r[12])
+            d["breakdown"] = json.loads(r[13]) if r[13] else None
+            out.append(d)
+        return out
+
+    # -- retention ----------------------------------------------------------------------------
+    def size_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal"):
+            p = Path(str(self.db_path) + suffix)
+            if p.exists():
+                total += p.stat().st_size
+        return total
+
+    def data_bytes(self) -> int:
+        row = self._con().execute("SELECT COALESCE(SUM(size), 0) FROM profiles").fetchone()
+        return int(row[0])
+
+    def enforce_retention(self, now_ns: int | None = None) -> int:
+        """Delete profiles and spans older than the retention, then the oldest profiles until
+        the stored data fits `max_bytes`. Returns profiles deleted."""
+        now_ns = now_ns or time.time_ns()
+        cutoff = now_ns - int(self.retention_s * 1e9)
+        con = self._con()
+        deleted = 0
+        with self._write_lock:
+            ids = [r[0] for r in con.execute("SELECT id FROM profiles WHERE end_ns < ?", (cutoff,))]
+            total = self.data_bytes()
+            if total > self.max_bytes:
+                acc = 0
+                for pid_, size in con.execute("SELECT id, size FROM profiles WHERE end_ns >= ? "
+                                              "ORDER BY start_ns", (cutoff,)):
+                    if total - acc <= self.max_bytes:
+                        break
+                    ids.append(pid_)
+                    acc += size
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                con.execute("BEGIN IMMEDIATE")
+                con.execute(f"DELETE FROM profiles WHERE id IN ({marks})", chunk)
+                con.execute(f"DELETE FROM blobs WHERE id IN ({marks})", chunk)
+                con.execute(f"DELETE FROM profile_spans WHERE profile_id IN ({marks})", chunk)
+                con.execute("COMMIT")
+                deleted += len(chunk)
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("DELETE FROM spans WHERE end_ns < ?", (cutoff,))
+            con.execute("COMMIT")
+        self.deleted += deleted
+        if deleted:
+            con.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        return deleted

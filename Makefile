@@ -33,8 +33,13 @@ $(VENV)/.stamp-base: pyproject.toml | host
 	  if [ -n "$$bccdir" ]; then ln -sfn "$$bccdir" $(SITE)/bcc; else echo "note: bcc not importable; eBPF probes will be off" >&2; fi
 	@touch $@
 
+# The test suite also runs the older pyroscope-io 0.8 client, which cannot share a venv with 1.x.
+PYRO08 := $(VENV)/pyroscope08
+
 $(VENV)/.stamp-test: $(VENV)/.stamp-base pyproject.toml
 	@$(PY) -m pip install -q -e '.[test]' >/dev/null
+	@test -x $(PYRO08)/bin/python || $(SYS_PYTHON) -m venv $(PYRO08)
+	@$(PYRO08)/bin/pip install -q 'pyroscope-io==0.8.16' >/dev/null
 	@touch $@
 
 setup: host $(VENV)/.stamp-base

@@ -35,16 +35,24 @@ def thread_labels(pid: int, tid: int, thread_name: str, extra: Labels = ()) -> L
     return make_labels(base)
 
 
-def timeline_pieces(threads: Iterable[ThreadTimeline], cpu: CpuTimeline | None = None
-                    ) -> Iterable[Piece]:
+def timeline_pieces(threads: Iterable[ThreadTimeline], cpu: CpuTimeline | None = None,
+                    from_ns: int | None = None) -> Iterable[Piece]:
     """One piece per slice (the stack py-spy saw, held until it saw another), clipped at the
-    thread's exit when known."""
+    thread's exit when known. With `from_ns`, each thread's first stack also covers the time
+    from `from_ns` to its first observation (for CPU: time before py-spy first saw the thread
+    still counts, at the stack it first saw)."""
     for tl in threads:
         exit_ns = cpu.exit_ns(tl.tid) if cpu is not None else None
+        first = True
         for s in tl.slices:
+            start = s.start_ns
+            if first and s.stack:
+                first = False
+                if from_ns is not None and from_ns < start:
+                    start = from_ns
             end = s.end_ns if exit_ns is None else min(s.end_ns, exit_ns)
-            if end > s.start_ns and s.stack:
-                yield Piece(tl.pid, tl.tid, tl.name, s.start_ns, end, s.stack)
+            if end > start and s.stack:
+                yield Piece(tl.pid, tl.tid, tl.name, start, end, s.stack)
 
 
 def new_profile(types: Sequence[str], rate_hz: int, start_ns: int, end_ns: int) -> Profile:

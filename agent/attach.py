@@ -252,7 +252,8 @@ def _attach_timeline(options: AttachOptions, session, receiver, progress, stop) 
         if "cpu" in types:
             for tl in tls:
                 exact = linker.exact_changes.get((tl.pid, tl.tid), set()) if linker else set()
-                add_pieces(profile, linked(run_pieces(tl, cpu, exact)), cpu, types=("cpu",))
+                add_pieces(profile, linked(run_pieces(tl, cpu, exact, (start_ns, end_ns))), cpu,
+                           types=("cpu",))
         if "wall" in types:
             add_pieces(profile, linked(timeline_pieces(tls, cpu)), None, types=("wall",))
         all_threads = recordings["timeline"].threads
@@ -262,8 +263,8 @@ def _attach_timeline(options: AttachOptions, session, receiver, progress, stop) 
         cpu = schedstat
         all_threads = {}
         if "cpu" in recordings:
-            add_pieces(profile, linked(timeline_pieces(timelines("cpu"), cpu)), cpu,
-                       types=("cpu",))
+            add_pieces(profile, linked(timeline_pieces(timelines("cpu"), cpu, from_ns=start_ns)),
+                       cpu, types=("cpu",))
             all_threads.update(recordings["cpu"].threads)
         if "wall" in recordings:
             add_pieces(profile, linked(timeline_pieces(timelines("wall"), cpu)), None,

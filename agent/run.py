@@ -420,15 +420,26 @@ class Agent:
             cpu = RunsCpu(data, pid, start, end, fallback=job.schedstat)
             for tl in tls:
                 exact = linker.exact_changes.get((tl.pid, tl.tid), set())
-                add_pieces(profile, linker.link_pieces(run_pieces(tl, cpu, exact)), cpu,
-                           types=("cpu",))
+                add_pieces(profile, linker.link_pieces(run_pieces(tl, cpu, exact, (start, end))),
+                           cpu, types=("cpu",))
+            # Threads py-spy never saw in this window (low rates, short-lived threads) still used
+            # CPU: keep it, on a marker stack, so that totals stay exact.
+            seen = {tl.tid for tl in tls if tl.slices}
+            from agent.aggregate import Piece
+            from agent.model import Frame
+            unseen = [Piece(pid, tid, "", a, b, (Frame("[no Python stack sampled]"),))
+                      for tid in cpu.tids() if tid not in seen
+                      for a, b in cpu.runs(tid) if b > start and a < end]
+            add_pieces(profile, linker.link_pieces(
+                Piece(p.pid, p.tid, p.thread_name, max(p.start_ns, start), min(p.end_ns, end),
+                      p.stack) for p in unseen), cpu, types=("cpu",))
             if "wall" in types:
                 add_pieces(profile, linker.link_pieces(timeline_pieces(tls, cpu)), None,
                            types=("wall",))
             add_probe_samples(profile, pid, threads, data, window=(start, end), linker=linker)
         else:
             cpu = job.schedstat
-            add_pieces(profile, linker.link_pieces(timeline_pieces(tls, cpu)), cpu,
+            add_pieces(profile, linker.link_pieces(timeline_pieces(tls, cpu, from_ns=start)), cpu,
                        types=("cpu",))
         fill_sample_counts(profile)
         service = self.service_name(job.target)

@@ -139,6 +139,9 @@ class RunsCpu:
     def seen(self, tid: int) -> bool:
         return tid in self._iv
 
+    def tids(self) -> list[int]:
+        return list(self._iv)
+
     def runs(self, tid: int) -> list[tuple[int, int]]:
         """The thread's on-CPU runs, sorted."""
         return [(a, b) for a, b, _r in self._iv.get(tid, ())]
@@ -172,8 +175,8 @@ class RunsCpu:
         return self._exit.get(tid)
 
 
-def run_pieces(tl: ThreadTimeline, cpu: "RunsCpu", exact: set[int] = frozenset()
-               ) -> Iterable[Piece]:
+def run_pieces(tl: ThreadTimeline, cpu: "RunsCpu", exact: set[int] = frozenset(),
+               window: tuple[int, int] | None = None) -> Iterable[Piece]:
     """CPU pieces of one thread, run by run.
 
     A run is an exact on-CPU stretch from the sched probe, between waits at or above the
@@ -184,7 +187,8 @@ def run_pieces(tl: ThreadTimeline, cpu: "RunsCpu", exact: set[int] = frozenset()
     time is exact (`exact`: stack changes put on span boundaries). A run py-spy saw nothing of
     keeps the stack it began with. So observations made while a thread waited never collect the
     CPU of code it ran long after waking, and a thread waiting for the GIL is seen exactly where
-    its next run goes.
+    its next run goes. With `window`, runs before the thread's first observation (at low
+    sampling rates, or right after py-spy attached) count too, with the first stack seen.
     """
     obs = [(s.start_ns, s.stack) for s in tl.slices if s.stack]
     if not obs:
@@ -194,7 +198,7 @@ def run_pieces(tl: ThreadTimeline, cpu: "RunsCpu", exact: set[int] = frozenset()
                     for s in tl.slices if s.stack)
         return
     times = [t for t, _ in obs]
-    lo_all, hi_all = tl.start_ns, tl.end_ns
+    lo_all, hi_all = window if window is not None else (tl.start_ns, tl.end_ns)
     for a, b in cpu.runs(tl.tid):
         a, b = max(a, lo_all), min(b, hi_all)
         if b <= a:

@@ -47,7 +47,7 @@ setup: host $(VENV)/.stamp-base
 setup-test: host-test $(VENV)/.stamp-test
 
 run: setup
-	@$(PY) -m agent.demo
+	@$(VENV)/bin/spanflame run
 
 test: setup-test
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -49,6 +49,7 @@ class OtlpForwarder:
         self._q: queue.Queue[_Item | None] = queue.Queue(max_queue)
         self._client = httpx.Client(timeout=timeout_s)
         self._stop = threading.Event()
+        self._busy = False
         self._thread = threading.Thread(target=self._run, name="spanflame-otlp-forward",
                                         daemon=True)
         self.sent = 0
@@ -77,7 +78,11 @@ class OtlpForwarder:
                 continue
             if item is None:
                 break
-            self._send(item)
+            self._busy = True
+            try:
+                self._send(item)
+            finally:
+                self._busy = False
 
     def _send(self, item: _Item) -> None:
         headers = {**self.headers, "content-type": item.content_type}
@@ -113,7 +118,7 @@ class OtlpForwarder:
         """Send what is queued for up to `drain_s`, then stop (idempotent)."""
         if self._thread.is_alive():
             deadline = time.monotonic() + drain_s
-            while not self._q.empty() and time.monotonic() < deadline:
+            while (not self._q.empty() or self._busy) and time.monotonic() < deadline:
                 time.sleep(0.05)
             self._stop.set()
             try:

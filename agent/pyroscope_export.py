@@ -68,6 +68,7 @@ class PyroscopeExporter:
         self._q: queue.Queue[bytes | None] = queue.Queue(max_queue)
         self._client = httpx.Client(timeout=timeout_s)
         self._stop = threading.Event()
+        self._busy = False
         self._thread = threading.Thread(target=self._run, name="spanflame-pyroscope-export",
                                         daemon=True)
         self.sent = 0
@@ -96,7 +97,11 @@ class PyroscopeExporter:
                 continue
             if body is None:
                 break
-            self._send(body)
+            self._busy = True
+            try:
+                self._send(body)
+            finally:
+                self._busy = False
 
     def _send(self, body: bytes) -> None:
         delay = self.backoff_s
@@ -132,7 +137,7 @@ class PyroscopeExporter:
     def close(self, drain_s: float = 5.0) -> None:
         if self._thread.is_alive():
             deadline = time.monotonic() + drain_s
-            while not self._q.empty() and time.monotonic() < deadline:
+            while (not self._q.empty() or self._busy) and time.monotonic() < deadline:
                 time.sleep(0.05)
             self._stop.set()
             try:

@@ -6,11 +6,12 @@ tracefs) and never read kernel structs, so any recent header tree is safe. Order
 
 1. `$BCC_KERNEL_SOURCE` when the user set it;
 2. the running kernel's tree, `/lib/modules/$(uname -r)/build`;
-3. an installed Debian `linux-headers-<ver>-<flavour>` tree. Debian splits it into `-<flavour>`
-   (generated and config headers) and `-common` (everything else); bcc needs one merged tree, so
-   we build one out of symlinks in a cache directory and point `BCC_KERNEL_SOURCE` at it.
-
-The container image installs Debian's `linux-headers-amd64` for exactly this fallback.
+3. an installed Debian `linux-headers-<ver>-<flavour>` tree, in /usr/src or else in
+   `$SPANFLAME_KERNEL_SRC` (default /opt/spanflame/kernel-src, where the container image keeps
+   its own, so that mounting the host's /usr/src does not hide them). Debian splits a tree into
+   `-<flavour>` (generated and config headers) and `-common` (everything else); bcc needs one
+   merged tree, so we build one out of symlinks in a cache directory and point
+   `BCC_KERNEL_SOURCE` at it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SRC_DIR = Path("/usr/src")
+
+
+def src_dirs() -> list[Path]:
+    """Where to look for Debian header trees, in order."""
+    return [SRC_DIR, Path(os.environ.get("SPANFLAME_KERNEL_SRC", "/opt/spanflame/kernel-src"))]
 _FLAVOURS = {"x86_64": ("amd64", "x86"), "aarch64": ("arm64", "arm64")}
 
 
@@ -126,10 +132,14 @@ def resolve(create: bool = True) -> Headers:
     build = Path("/lib/modules", release, "build")
     if (build / "include").is_dir():
         return Headers("running", str(build), f"running kernel {release} ({build})")
-    trees = find_debian_trees()
+    trees = []
+    for d in src_dirs():
+        trees = find_debian_trees(d)
+        if trees:
+            break
     if not trees:
         return Headers("none", "", f"no headers for kernel {release} and no Debian linux-headers "
-                                   f"tree in {SRC_DIR}")
+                                   f"tree in " + " or ".join(str(d) for d in src_dirs()))
     flavour_dir, common_dir = trees[0]
     dest = cache_dir() / "kheaders" / flavour_dir.name
     if create:

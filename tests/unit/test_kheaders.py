@@ -50,3 +50,17 @@ def test_resolve_prefers_env(monkeypatch, tmp_path):
     assert h.kind == "env" and h.path == str(tmp_path)
     monkeypatch.setenv("BCC_KERNEL_SOURCE", str(tmp_path / "nope"))
     assert kheaders.resolve(create=False).kind == "none"
+
+
+def test_fallback_directory_for_the_image(monkeypatch, tmp_path):
+    empty = tmp_path / "usr-src"
+    empty.mkdir()
+    make_debian_tree(tmp_path / "kernel-src", "6.1.0-56")
+    monkeypatch.setattr(kheaders, "SRC_DIR", empty)
+    monkeypatch.setenv("SPANFLAME_KERNEL_SRC", str(tmp_path / "kernel-src"))
+    monkeypatch.setenv("SPANFLAME_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
+    monkeypatch.setattr(kheaders.platform, "release", lambda: "0.0.0-no-such-kernel")
+    h = kheaders.resolve(create=True)
+    assert h.kind == "fallback" and "6.1.0-56" in h.detail
+    assert (tmp_path / "cache" / "kheaders" / "linux-headers-6.1.0-56-amd64" / "include").is_dir()

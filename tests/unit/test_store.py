@@ -1,0 +1,75 @@
+import time
+
+import pytest
+
+from agent.model import Frame, Profile, make_labels
+from agent.store import Store
+
+S = 1_000_000_000
+
+
+def prof(t0, value, span=None, thread="w"):
+    p = Profile([("samples", "count"), ("cpu", "nanoseconds")], period=10_000_000,
+                period_type=("cpu", "nanoseconds"), time_ns=t0, duration_ns=10 * S,
+                default_sample_type="cpu")
+    labels = {"thread_name": thread}
+    if span:
+        labels.update(span_id=span, trace_id="a" * 32)
+    p.add((Frame("f", "/a.py", 1),), make_labels(labels), {"samples": 1, "cpu": value})
+    return p
+
+
+def test_write_find_merge_and_span_index(tmp_path):
+    st = Store(tmp_path)
+    t0 = 1_000 * S
+    st.add_profile(prof(t0, 5), type_name="cpu", service="web", pid=1,
+                   labels={"service_name": "web", "pod": "web-1"}, spans=[("b" * 16, "a" * 32)])
+    st.add_profile(prof(t0 + 10 * S, 7), type_name="cpu", service="web", pid=1,
+                   labels={"service_name": "web", "pod": "web-1"})
+    st.add_profile(prof(t0, 11, thread="x"), type_name="cpu", service="db", pid=2,
+                   labels={"service_name": "db"})
+    found = st.find(start_ns=t0, end_ns=t0 + 20 * S, type_name="cpu", service="web")
+    assert len(found) == 2
+    assert st.merged(found).total("cpu") == 12
+    assert len(st.find(start_ns=t0, end_ns=t0 + 20 * S, type_name="cpu", labels={"pod": "web-1"})) == 2
+    assert st.find(start_ns=t0, end_ns=t0 + 20 * S, type_name="cpu", span_id="b" * 16)[0].pid == 1
+    assert st.find(start_ns=t0 + 30 * S, end_ns=t0 + 40 * S, type_name="cpu") == []
+    merged = st.merged(st.find(start_ns=0, end_ns=t0 * 2, type_name="cpu"),
+                       sample_labels={"thread_name": "x"})
+    assert merged.total("cpu") == 11
+    assert {s["service"] for s in st.services(0, t0 * 2)} == {"web", "db"}
+    tl = st.timeline(start_ns=t0, end_ns=t0 + 20 * S, type_name="cpu", buckets=2)
+    assert [v for _t, v in tl] == [16, 7]
+
+
+def test_a_second_store_on_the_same_directory_sees_everything(tmp_path):
+    st = Store(tmp_path)
+    st.add_profile(prof(5 * S, 3), type_name="cpu", service="web", pid=1, labels={})
+    st.add_spans([{"span_id": "c" * 16, "trace_id": "d" * 32, "name": "GET /", "service": "web",
+                   "start_ns": 5 * S, "end_ns": 6 * S, "breakdown": {"cpu_ns": 1}}])
+    other = Store(tmp_path)  # as after a crash: only what was committed
+    assert other.merged(other.find(start_ns=0, end_ns=10 * S, type_name="cpu")).total("cpu") == 3
+    assert other.trace("d" * 32)[0]["breakdown"] == {"cpu_ns": 1}
+    assert other.slow_spans(start_ns=0, end_ns=10 * S)[0]["name"] == "GET /"
+
+
+def test_retention_by_age_and_size(tmp_path):
+    st = Store(tmp_path, retention_s=100, max_bytes=10**9)
+    now = 10_000 * S
+    st.add_profile(prof(now - 500 * S, 1), type_name="cpu", service="a", labels={})
+    st.add_profile(prof(now - 50 * S, 2), type_name="cpu", service="a", labels={})
+    assert st.enforce_retention(now) == 1
+    assert st.merged(st.find(start_ns=0, end_ns=now, type_name="cpu")).total("cpu") == 2
+    for i in range(5):
+        st.add_profile(prof(now - 40 * S + i * S, 1), type_name="cpu", service="a", labels={})
+    st.max_bytes = st.data_bytes() // 2
+    deleted = st.enforce_retention(now)
+    assert deleted >= 3 and st.data_bytes() <= st.max_bytes
+    left = st.find(start_ns=0, end_ns=now, type_name="cpu")
+    assert left and all(p.start_ns >= now - 50 * S for p in left)  # the oldest went first
+
+
+def test_unwritable_store_is_a_clear_error():
+    from agent.errors import SpanflameError
+    with pytest.raises(SpanflameError, match="cannot use store"):
+        Store("/proc/spanflame-store")

@@ -48,7 +48,8 @@ class Discovery:
         except re.error as exc:
             raise SpanflameError(f"invalid --include/--exclude regular expression: {exc}") from None
         self.max_targets = max_targets
-        self._python: dict[tuple[int, float], bool] = {}
+        #: (pid, start ticks) -> the Target, or None for a process we do not profile
+        self._known: dict[tuple[int, int], Target | None] = {}
         self.skipped_over_limit = 0
 
     def _wanted(self, name: str, cmdline: str) -> bool:
@@ -59,35 +60,79 @@ class Discovery:
         return True
 
     def scan(self) -> dict[int, Target]:
+        """Every scan lists /proc and reads one line per process; only processes not seen
+        before (a new pid, or a new start time: a reused pid) get the full look (psutil,
+        ELF/maps check). Targets also get their executable re-read, to notice an exec."""
         me = os.getpid()
         found: dict[int, Target] = {}
-        seen = set()
-        for p in psutil.process_iter(["pid", "name", "exe", "cmdline", "create_time", "ppid"]):
-            info = p.info
-            pid = info["pid"]
-            if pid == me or info.get("ppid") == me:
+        seen: set[tuple[int, int]] = set()
+        try:
+            names = os.listdir("/proc")
+        except OSError:
+            return found
+        for n in names:
+            if not n.isdigit():
                 continue
-            ct = info.get("create_time") or 0.0
-            key = (pid, ct)
+            pid = int(n)
+            if pid == me:
+                continue
+            start = _start_ticks(pid)
+            if start is None:
+                continue
+            key = (pid, start)
             seen.add(key)
-            py = self._python.get(key)
-            if py is None:
-                try:
-                    py = is_python(pid)
-                except SpanflameError:
-                    py = False
-                self._python[key] = py
-            if not py:
-                continue
-            name = info.get("name") or ""
-            cmdline = " ".join(info.get("cmdline") or [])[:1000]
-            if not self._wanted(name, cmdline):
+            if key in self._known:
+                t = self._known[key]
+                if t is not None:
+                    try:
+                        exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+                    except OSError:
+                        exe = t.exe
+                    if exe != t.exe:  # exec'd: look again
+                        t = self._known[key] = self._look(pid, me)
+            else:
+                t = self._known[key] = self._look(pid, me)
+            if t is None:
                 continue
             if len(found) >= self.max_targets:
                 self.skipped_over_limit += 1
                 continue
-            found[pid] = Target(pid, ct, name, info.get("exe") or "", cmdline)
-        for key in list(self._python):  # forget processes that are gone
+            found[pid] = t
+        for key in list(self._known):  # forget processes that are gone
             if key not in seen:
-                del self._python[key]
+                del self._known[key]
         return found
+
+    def _look(self, pid: int, me: int) -> Target | None:
+        try:
+            p = psutil.Process(pid)
+            with p.oneshot():
+                if p.ppid() == me:
+                    return None  # our own children: py-spy
+                name = p.name()
+                exe = p.exe()
+                cmdline = " ".join(p.cmdline())[:1000]
+                ct = p.create_time()
+        except (psutil.Error, OSError):
+            return None
+        try:
+            if not is_python(pid):
+                return None
+        except SpanflameError:
+            return None
+        if not self._wanted(name, cmdline):
+            return None
+        return Target(pid, ct, name, exe, cmdline)
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    try:
+        return int(data.rsplit(b")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None

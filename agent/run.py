@@ -278,6 +278,7 @@ class Agent:
                                              daemon=True)
         self._last_usage = None
         self._persisted_spans: set[str] = set()
+        self._next_housekeeping = 0.0
         self.started_ns = 0
         self.metrics.rate.set(self.rate_hz)
 
@@ -289,7 +290,7 @@ class Agent:
         bpf = [p for p in self.opts.probes if p in BPF_PROBES]
         if bpf:
             from probes.session import ProbeSession
-            self.session = ProbeSession(bpf, max_records=500_000)
+            self.session = ProbeSession(bpf, max_records=500_000, per_process_only=True)
             self.session.start([])
             self.bpf_on = bool(self.session.active)
             self.probes_off = dict(self.session.off)
@@ -497,6 +498,10 @@ class Agent:
 
     def after_round(self) -> None:
         """Housekeeping after windows were built: spans, probe records, the CPU budget."""
+        now = time.monotonic()
+        if now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + self.opts.window_s
         self._persist_spans()
         if self.session is not None and self.bpf_on:
             oldest = time.time_ns() - int((self.opts.span_wait_s + 3 * self.opts.window_s) * 1e9)

@@ -221,6 +221,12 @@ class TraceLinker:
     def event_labels(self, pid: int, tid: int, start_ns: int, end_ns: int | None = None) -> Labels:
         """Span labels for a wait [start_ns, end_ns] (its midpoint) or an instant event."""
         t = start_ns if end_ns is None else (start_ns + end_ns) // 2
+        if self.window is not None and self.window[0] <= t < self.window[1]:
+            st = self._steps_for(pid, tid)
+            if not st.times:
+                return ()
+            iv = st.split(t, t + 1)[0]
+            return self.labels(iv.span, iv.overlap)
         ivs = self.intervals(pid, tid, t, t + 1)
         iv = ivs[0] if ivs else None
         return self.labels(iv.span, iv.overlap) if iv else ()

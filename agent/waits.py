@@ -41,6 +41,7 @@ MARKERS = {
     "lock": "[lock wait]", "gil": "[GIL wait]", "io": "[io wait]", "net": "[net wait]",
     "sleep": "[sleep]", "runqueue": "[runqueue wait]", "other": "[off-cpu]",
 }
+_MARKER_FRAMES = {k: (Frame(v),) for k, v in MARKERS.items()}
 
 
 def classify(run: Run, gil_range: tuple[int, int] | None) -> str:
@@ -285,7 +286,7 @@ def add_probe_samples(profile: Profile, pid: int, timelines: dict[int, ThreadTim
         if reason == "net" and "net_wait" in want:
             values["net_wait"] = dur
         if values:
-            stack = (Frame(MARKERS[reason]),) + r.kstack + py(r.tid, r.run_end_ns, r.off_end_ns)
+            stack = _MARKER_FRAMES[reason] + r.kstack + py(r.tid, r.run_end_ns, r.off_end_ns)
             profile.add(stack, labels(r.tid, r.run_end_ns, r.off_end_ns, reason=reason), values)
 
     for w in data.lock_waits:

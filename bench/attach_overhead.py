@@ -28,10 +28,10 @@ SPANFLAME = Path(sys.executable).parent / "spanflame"
 
 
 class Target:
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, idle: int = 0) -> None:
         self.script = Path(tempfile.mkdtemp()) / "workload.py"
         self.script.write_text(CPU_THREADS)
-        self.proc = subprocess.Popen([sys.executable, str(self.script), str(threads)],
+        self.proc = subprocess.Popen([sys.executable, str(self.script), str(threads), str(idle)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.proc.stdout.readline()
         self.pid = self.proc.pid
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pairs", type=int, default=31)
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--rate", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=4, help="CPU-bound threads")
+    ap.add_argument("--idle-threads", type=int, default=0, help="mostly waiting threads")
     ap.add_argument("--probes", default="cpu")
     ap.add_argument("--warmup", type=float, default=None,
                     help="seconds between starting attach and measuring (default 1.5, or 4 with "
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.warmup is None:
         args.warmup = 1.5 if set(args.probes.split(",")) <= {"cpu", "wall"} else 4.0
     out = Path(tempfile.mkdtemp()) / "p.pb.gz"
-    t = Target(args.threads)
+    t = Target(args.threads, args.idle_threads)
     try:
         time.sleep(1.0)
 
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
         t.close()
     med = statistics.median(ratios)
     lo, hi = bootstrap_ci(ratios)
-    summary = {"benchmark": "attach_overhead" + ("_aa" if args.aa else ""), "threads": args.threads, "rate_hz": args.rate,
+    summary = {"benchmark": "attach_overhead" + ("_aa" if args.aa else ""), "threads": args.threads,
+               "idle_threads": args.idle_threads, "rate_hz": args.rate,
                "probes": args.probes, "pairs": args.pairs, "seconds": args.seconds,
                "median_ratio": round(med, 4), "slowdown_pct": round((1 - med) * 100, 2),
                "min_ratio": round(min(ratios), 4), "max_ratio": round(max(ratios), 4),

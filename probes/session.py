@@ -68,7 +68,7 @@ class ProbeSession:
                  lock_event_min_ns: int = 200_000, bucket_ns: int = 10_000_000,
                  drain_interval_s: float = 0.25, max_records: int = 2_000_000,
                  max_threads: int = 16384, stack_entries: int = 16384,
-                 ringbuf_pages: int = 256) -> None:
+                 ringbuf_pages: int = 256, per_process_only: bool = False) -> None:
         self.requested = [p for p in registry.BPF_PROBES if p in probes]
         self.offcpu_min_ns = offcpu_min_ns
         self.lock_event_min_ns = lock_event_min_ns
@@ -78,6 +78,8 @@ class ProbeSession:
         self.max_threads = max_threads
         self.stack_entries = stack_entries
         self.ringbuf_pages = ringbuf_pages
+        #: continuous use: keep records per process only (read with window(), freed by prune())
+        self.per_process_only = per_process_only
         self.active: list[str] = []
         self.off: dict[str, str] = {}
         self.headers: kheaders.Headers | None = None
@@ -92,6 +94,9 @@ class ProbeSession:
         self._kstack_cache: dict[int, tuple[Frame, ...]] = {}
         self._ksym_cache: dict[int, Frame] = {}
         self._usym_cache: dict[tuple[int, int], Frame] = {}
+        self._ustack_cache: dict[tuple[int, int], tuple[Frame, ...]] = {}
+        #: the same records, per process (for per-window reads in continuous use)
+        self._by_tgid: dict[int, ProbeData] = {}
         self._targets: set[int] = set()
         self._seed_stacks: dict[tuple[int, int], tuple[Frame, ...]] = {}
         self._dropped = {"records": 0}
@@ -331,28 +336,43 @@ class ProbeSession:
             b.ring_buffer_consume()
             off = self._clock.offset_ns
             raw, self._raw = self._raw, {k: [] for k in self._raw}
-            d = self.data
+            keep_all = not self.per_process_only
+            d = self.data if keep_all else ProbeData()
             kstack = self._kstack
             seeds = self._seed_stacks
-            runs = d.runs
+            per = self._per
             for (tgid, tid, rs, re_, oe, so, fa, st, ks) in _SCHED_FMT.iter_unpack(b"".join(raw["sched"])):
                 stack = kstack(ks) if ks >= 0 else (seeds.pop((tid, re_), ()) if seeds else ())
-                runs.append(Run(tgid, tid, rs + off if rs else None, re_ + off,
-                                oe + off if oe else None, so, st, stack, fa))
+                r = Run(tgid, tid, rs + off if rs else None, re_ + off, oe + off if oe else None,
+                        so, st, stack, fa)
+                d.runs.append(r)
+                per(tgid).runs.append(r)
             for (tgid, tid, s, e, addr, kind, us) in _LOCK_FMT.iter_unpack(b"".join(raw["lock"])):
-                d.lock_waits.append(LockWait(tgid, tid, s + off, e + off, addr,
-                                             _LOCK_KINDS.get(kind, "futex"), self._ustack(us, tgid)))
+                w = LockWait(tgid, tid, s + off, e + off, addr, _LOCK_KINDS.get(kind, "futex"),
+                             self._ustack(us, tgid))
+                d.lock_waits.append(w)
+                per(tgid).lock_waits.append(w)
             for (tgid, tid, s, e, nbytes, dev, rwbs) in _IO_FMT.iter_unpack(b"".join(raw["io"])):
                 flags = rwbs.split(b"\0", 1)[0].decode("ascii", "replace")
                 op = ("discard" if "D" in flags else "write" if "W" in flags else
                       "read" if "R" in flags else "other")
-                d.io.append(IoRequest(tgid, tid, s + off, e + off, nbytes,
-                                      f"{dev >> 20}:{dev & 0xFFFFF}", op, flags))
+                x = IoRequest(tgid, tid, s + off, e + off, nbytes, f"{dev >> 20}:{dev & 0xFFFFF}",
+                              op, flags)
+                d.io.append(x)
+                per(tgid).io.append(x)
             for (tgid, tid, s, e, kind, dport, fam, addr) in _NET_FMT.iter_unpack(b"".join(raw["net"])):
-                d.net.append(NetEvent(tgid, tid, s + off, e + off, _NET_EVENTS.get(kind, "?"),
-                                      dport, _addr(fam, addr)))
+                x = NetEvent(tgid, tid, s + off, e + off, _NET_EVENTS.get(kind, "?"), dport,
+                             _addr(fam, addr))
+                d.net.append(x)
+                per(tgid).net.append(x)
             if buckets or final:
                 self._drain_buckets()
+
+    def _per(self, tgid: int) -> ProbeData:
+        pd = self._by_tgid.get(tgid)
+        if pd is None:
+            pd = self._by_tgid[tgid] = ProbeData()
+        return pd
 
     def _drain_buckets(self) -> None:
         b, real, width = self._bpf, self._clock.real, self.bucket_ns
@@ -361,8 +381,11 @@ class ProbeSession:
             if probe not in self.active:
                 continue
             for k, v in b[table.encode()].items_lookup_and_delete_batch():
-                self.data.buckets.append(Bucket(probe, k.tgid, k.tid, real(k.bucket * width), width,
-                                                kinds.get(k.kind, "?"), v.value, v.count))
+                bk = Bucket(probe, k.tgid, k.tid, real(k.bucket * width), width,
+                            kinds.get(k.kind, "?"), v.value, v.count)
+                if not self.per_process_only:
+                    self.data.buckets.append(bk)
+                self._per(k.tgid).buckets.append(bk)
 
     def _read_open_runs(self) -> None:
         self.data.open_runs = self._open_state()
@@ -386,19 +409,18 @@ class ProbeSession:
         with self._lock:
             if self._bpf is None:
                 return ProbeData()
-            d = self.data
+            d = self._by_tgid.get(pid) or ProbeData()
             out = ProbeData(
-                runs=[r for r in d.runs if r.tgid == pid and r.run_end_ns >= start_ns - 60_000_000_000
+                runs=[r for r in d.runs if (r.off_end_ns or r.run_end_ns) >= start_ns
                       and (r.run_start_ns or r.run_end_ns) < end_ns],
-                lock_waits=[w for w in d.lock_waits if w.tgid == pid and w.end_ns >= start_ns
+                lock_waits=[w for w in d.lock_waits if w.end_ns >= start_ns
                             and w.start_ns < end_ns],
-                io=[x for x in d.io if x.tgid == pid and start_ns <= x.start_ns < end_ns],
-                net=[x for x in d.net if x.tgid == pid and x.end_ns >= start_ns
-                     and x.start_ns < end_ns],
-                buckets=[b for b in d.buckets if b.tgid == pid
-                         and b.start_ns + b.width_ns > start_ns and b.start_ns < end_ns],
-                gil_ranges={pid: d.gil_ranges[pid]} if pid in d.gil_ranges else {},
-                counters=dict(d.counters), start_ns=start_ns, end_ns=end_ns)
+                io=[x for x in d.io if start_ns <= x.start_ns < end_ns],
+                net=[x for x in d.net if x.end_ns >= start_ns and x.start_ns < end_ns],
+                buckets=[b for b in d.buckets
+                         if b.start_ns + b.width_ns > start_ns and b.start_ns < end_ns],
+                gil_ranges={pid: self.data.gil_ranges[pid]} if pid in self.data.gil_ranges else {},
+                counters=dict(self.data.counters), start_ns=start_ns, end_ns=end_ns)
             try:
                 out.open_runs = {t: v for t, v in self._open_state().items() if v[0] == pid}
             except Exception:  # a map read failing must not lose the window
@@ -407,17 +429,31 @@ class ProbeSession:
 
     def prune(self, before_ns: int) -> int:
         """Forget records that ended before `before_ns`; returns how many."""
-        with self._lock:
-            d = self.data
+
+        def cut(d: ProbeData) -> int:
             n0 = len(d.runs) + len(d.lock_waits) + len(d.io) + len(d.net) + len(d.buckets)
             d.runs = [r for r in d.runs if (r.off_end_ns or r.run_end_ns) >= before_ns]
             d.lock_waits = [w for w in d.lock_waits if w.end_ns >= before_ns]
             d.io = [x for x in d.io if x.end_ns >= before_ns]
             d.net = [x for x in d.net if x.end_ns >= before_ns]
             d.buckets = [b for b in d.buckets if b.start_ns + b.width_ns >= before_ns]
-            self._kept = {"sched": len(d.runs), "lock": len(d.lock_waits), "io": len(d.io),
-                          "net": len(d.net)}
             return n0 - (len(d.runs) + len(d.lock_waits) + len(d.io) + len(d.net) + len(d.buckets))
+
+        with self._lock:
+            n = cut(self.data)
+            kept = {"sched": 0, "lock": 0, "io": 0, "net": 0}
+            for tgid in list(self._by_tgid):
+                d = self._by_tgid[tgid]
+                n += cut(d) if self.per_process_only else 0
+                if tgid not in self._targets and not d.runs:
+                    del self._by_tgid[tgid]
+                    continue
+                kept["sched"] += len(d.runs)
+                kept["lock"] += len(d.lock_waits)
+                kept["io"] += len(d.io)
+                kept["net"] += len(d.net)
+            self._kept = kept
+            return n
 
     def read_counters(self) -> dict[str, int]:
         with self._lock:
@@ -456,6 +492,9 @@ class ProbeSession:
     def _ustack(self, stack_id: int, tgid: int) -> tuple[Frame, ...]:
         if stack_id < 0:
             return ()
+        cached = self._ustack_cache.get((tgid, stack_id))
+        if cached is not None:
+            return cached
         frames = []
         try:
             for addr in self._bpf[b"ustacks"].walk(stack_id):
@@ -468,7 +507,11 @@ class ProbeSession:
                 frames.append(f)
         except KeyError:
             return ()
-        return tuple(frames[:16])
+        out = tuple(frames[:16])
+        if len(self._ustack_cache) > 50_000:
+            self._ustack_cache.clear()
+        self._ustack_cache[(tgid, stack_id)] = out
+        return out
 
 
 class _ProbesOff(Exception):

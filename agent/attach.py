@@ -67,6 +67,8 @@ class AttachOptions:
     otlp_listen: str | None = None
     #: after recording, wait for spans until none arrived for this long (bounded by 30 s)
     span_wait_s: float = 6.0
+    #: sample only the thread holding the GIL (py-spy --gil): far cheaper with many threads
+    gil_only: bool = False
 
     def __post_init__(self) -> None:
         if self.duration_s <= 0:
@@ -173,7 +175,8 @@ class _SpanReceiver:
 def _attach_counts(options: AttachOptions, progress, stop) -> AttachResult:
     types = [p for p in options.probes if p in ("cpu", "wall")] or ["cpu"]
     recorders = {t: PySpyRecorder(options.pid, rate_hz=options.rate_hz, idle=(t == "wall"),
-                                  output="speedscope") for t in types}
+                                  output="speedscope", gil_only=options.gil_only and t == "cpu")
+                 for t in types}
     recordings, elapsed, interrupted = _record(options, list(recorders.items()), progress, stop)
     notes = _exit_notes(recordings.values(), elapsed, interrupted)
     start_ns = min(r.start_ns for r in recordings.values())
@@ -202,7 +205,9 @@ def _attach_timeline(options: AttachOptions, session, receiver, progress, stop) 
     poller = SchedstatPoller(pid, rate_hz=min(options.rate_hz, 100), cpu=schedstat)
     recorders = []
     if bpf_on:
-        recorders.append(("timeline", PySpyRecorder(pid, rate_hz=options.rate_hz, idle=True)))
+        recorders.append(("timeline", PySpyRecorder(pid, rate_hz=options.rate_hz,
+                                                     idle=not options.gil_only,
+                                                     gil_only=options.gil_only)))
     else:
         if "cpu" in want:
             recorders.append(("cpu", PySpyRecorder(pid, rate_hz=options.rate_hz, idle=False)))

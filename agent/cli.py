@@ -52,12 +52,15 @@ def cli(verbose: bool) -> None:
 @click.option("--span-wait", type=float, default=6.0, show_default=True, metavar="SECONDS",
               help="With --otlp-listen: after recording, wait for late spans until none arrived "
                    "for this long (at most 30 s).")
+@click.option("--gil", "gil_only", is_flag=True,
+              help="Sample only the thread holding the GIL (py-spy --gil): much cheaper for "
+                   "processes with many threads; waiting threads are seen only as they last ran.")
 @click.option("--spans-output", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help="With --otlp-listen: write each span's time breakdown (CPU, lock, IO, net, "
                    "other, unaccounted) and dominant cause as JSON.")
 def attach(pid: int, duration: float, rate: int, output: str | None, probes: str,
            offcpu_threshold: float, otlp_listen: str | None, span_wait: float,
-           spans_output: str | None) -> None:
+           gil_only: bool, spans_output: str | None) -> None:
     """Profile the running Python process PID."""
     from agent.attach import AttachOptions, attach as run_attach, parse_probes
     from agent.output import check_writable, write_profile
@@ -65,7 +68,7 @@ def attach(pid: int, duration: float, rate: int, output: str | None, probes: str
     options = AttachOptions(pid=pid, duration_s=duration, rate_hz=rate,
                             probes=parse_probes(probes),
                             offcpu_threshold_ns=round(offcpu_threshold * 1e6),
-                            otlp_listen=otlp_listen, span_wait_s=span_wait)
+                            otlp_listen=otlp_listen, span_wait_s=span_wait, gil_only=gil_only)
     if output is None:
         output = f"spanflame-{pid}-{time.strftime('%Y%m%dT%H%M%S')}.pb.gz"
     check_writable(output)

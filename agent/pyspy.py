@@ -129,12 +129,13 @@ class PySpyRecorder:
 
     def __init__(self, pid: int, *, rate_hz: int = 100, idle: bool = True,
                  nonblocking: bool = True, native: bool = False,
-                 output: str = "chrometrace") -> None:
+                 output: str = "chrometrace", gil_only: bool = False) -> None:
         if rate_hz < 1 or rate_hz > 10_000:
             raise ValueError("rate must be between 1 and 10000 Hz")
         if output not in ("chrometrace", "speedscope"):
             raise ValueError("output must be chrometrace or speedscope")
         self.output = output
+        self.gil_only = gil_only
         self.pid = pid
         self.rate_hz = rate_hz
         self.idle = idle
@@ -166,6 +167,8 @@ class PySpyRecorder:
             cmd.append("--nonblocking")
         if self.native:
             cmd.append("--native")
+        if self.gil_only:
+            cmd.append("--gil")
         return cmd
 
     def start(self) -> None:

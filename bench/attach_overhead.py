@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=4, help="CPU-bound threads")
     ap.add_argument("--idle-threads", type=int, default=0, help="mostly waiting threads")
     ap.add_argument("--probes", default="cpu")
+    ap.add_argument("--gil", action="store_true", help="attach --gil (what run does for "
+                                                         "processes with many threads)")
     ap.add_argument("--warmup", type=float, default=None,
                     help="seconds between starting attach and measuring (default 1.5, or 4 with "
                          "eBPF probes, which take 1-2 s to load)")
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
             # writes its output: it measures steady-state sampling, not start-up.
             prof = subprocess.Popen(
                 [str(SPANFLAME), "attach", str(t.pid), "--duration", str(args.seconds + args.warmup + 0.5),
-                 "--rate", str(args.rate), "--probes", args.probes, "-o", str(out)],
+                 "--rate", str(args.rate), "--probes", args.probes, "-o", str(out),
+                 *(["--gil"] if args.gil else [])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(args.warmup)
             r = t.rate_during(lambda: time.sleep(args.seconds))
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     lo, hi = bootstrap_ci(ratios)
     summary = {"benchmark": "attach_overhead" + ("_aa" if args.aa else ""), "threads": args.threads,
                "idle_threads": args.idle_threads, "rate_hz": args.rate,
-               "probes": args.probes, "pairs": args.pairs, "seconds": args.seconds,
+               "probes": args.probes, "gil_only": args.gil, "pairs": args.pairs,
+               "seconds": args.seconds,
                "median_ratio": round(med, 4), "slowdown_pct": round((1 - med) * 100, 2),
                "min_ratio": round(min(ratios), 4), "max_ratio": round(max(ratios), 4),
                "median_ratio_ci95": [round(lo, 4), round(hi, 4)],

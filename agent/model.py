@@ -166,15 +166,18 @@ class Profile:
             if vec[i]:
                 yield stack, labels, vec[i]
 
-    def filtered(self, tags: Mapping[str, str]) -> "Profile":
-        """A copy holding only samples whose labels match every key=value in `tags`.
+    def filtered(self, tags: Mapping[str, object]) -> "Profile":
+        """A copy holding only samples whose labels match every key=value in `tags`; a value may
+        also be a set of accepted values.
 
         Numeric labels match their decimal text.
         """
+        want = {k: ({str(x) for x in v} if isinstance(v, (set, frozenset)) else {str(v)})
+                for k, v in tags.items()}
         out = self.empty_like()
         for (stack, labels), vec in self.samples.items():
             d = dict(labels)
-            if all(k in d and str(d[k]) == v for k, v in tags.items()):
+            if all(k in d and str(d[k]) in vals for k, vals in want.items()):
                 out.samples[(stack, labels)] = list(vec)
         return out
 

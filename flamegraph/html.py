@@ -36,30 +36,41 @@ class _Strings:
         return i
 
 
-def _compact(root: Node, st: _Strings) -> list:
-    """Node -> [name, file, line, total, self, pruned, children], children sorted by name.
+def _compact(root: Node, st: _Strings, base: Node | None = None) -> list:
+    """Node -> [name, file, line, total, self, pruned, children(, baseline total)], children
+    sorted by name. With `base` (a baseline tree), each node also carries the baseline's total at
+    the same path (0 where the baseline never went), for diff flame graphs.
 
     Iterative, so that deep stacks cannot hit the recursion limit.
     """
-    def entry(n: Node) -> list:
-        return [st(n.name), st(n.filename), n.line, n.total, n.self_value, n.pruned, []]
+    def entry(n: Node, b: Node | None) -> list:
+        e = [st(n.name), st(n.filename), n.line, n.total, n.self_value, n.pruned, []]
+        if base is not None:
+            e.append(b.total if b is not None else 0)
+        return e
 
-    top = entry(root)
-    todo = [(root, top)]
+    top = entry(root, base)
+    todo = [(root, base, top)]
     while todo:
-        node, arr = todo.pop()
+        node, bnode, arr = todo.pop()
         for key in sorted(node.children):
             child = node.children[key]
-            carr = entry(child)
+            bchild = bnode.children.get(key) if bnode is not None else None
+            carr = entry(child, bchild)
             arr[6].append(carr)
-            todo.append((child, carr))
+            todo.append((child, bchild, carr))
     return top
 
 
 def flamegraph_data(profile: Profile, *, types: Sequence[str] | None = None,
                     default_type: str | None = None, title: str = "", subtitle: str = "",
-                    min_fraction: float = DEFAULT_MIN_FRACTION, top: int = 30) -> dict:
-    """The JSON document the flame graph script renders (see flamegraph.js for its shape)."""
+                    min_fraction: float = DEFAULT_MIN_FRACTION, top: int = 30,
+                    baseline: Profile | None = None, baseline_scale: float = 1.0) -> dict:
+    """The JSON document the flame graph script renders (see flamegraph.js for its shape).
+
+    With `baseline`, every node also carries the baseline's value at its path times
+    `baseline_scale` (e.g. 1/N to compare one span with the average of N others): a diff.
+    """
     st = _Strings()
     chosen = [t for t in profile.sample_types if types is None or t.name in types]
     if types is None:
@@ -69,20 +80,36 @@ def flamegraph_data(profile: Profile, *, types: Sequence[str] | None = None,
     out_types = []
     for t in chosen:
         tree = profile_tree(profile, t.name, min_fraction)
+        base = None
+        if baseline is not None:
+            base = (profile_tree(baseline, t.name) if baseline.has_type(t.name)
+                    else profile_tree(profile.empty_like(), t.name))
+            if baseline_scale != 1.0:
+                _scale(base, baseline_scale)
         fstats = [f for f in top_functions(
             ((stack, v) for stack, _l, v in profile.iter_type(t.name)), top) if f.self_value]
         out_types.append({
             "name": t.name,
             "unit": t.unit,
             "total": tree.total,
-            "tree": _compact(tree, st),
+            "baseline_total": base.total if base is not None else None,
+            "tree": _compact(tree, st, base),
             "top": [[st(f.name), st(f.filename), f.line, f.self_value, f.total] for f in fstats],
         })
     default = default_type or profile.primary_type()
     if out_types and default not in [t["name"] for t in out_types]:
         default = out_types[0]["name"]
     return {"title": title[:500], "subtitle": subtitle[:1000], "default": default,
-            "strings": st.table, "types": out_types}
+            "strings": st.table, "types": out_types, "diff": baseline is not None}
+
+
+def _scale(node: Node, k: float) -> None:
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        n.total = round(n.total * k)
+        n.self_value = round(n.self_value * k)
+        todo.extend(n.children.values())
 
 
 def script_json(data: object) -> str:

@@ -4,7 +4,9 @@
  *
  * Data (built by flamegraph/html.py):
  *   {strings: [...], types: [{name, unit, total, tree, top}], default: "cpu", title, subtitle}
- *   tree node: [nameIdx, fileIdx, line, total, self, pruned, [children...]]
+ *   tree node: [nameIdx, fileIdx, line, total, self, pruned, [children...], baselineTotal?]
+ *   With data.diff, frames are coloured by how their share changed against the baseline
+ *   (red: more than the baseline, blue: less).
  *   top row:   [nameIdx, fileIdx, line, self, total]
  */
 (function (global) {
@@ -150,7 +152,7 @@
     var S = this.strings;
     var n = {name: S[arr[0]] || '', file: S[arr[1]] || '', line: arr[2], total: arr[3],
              self: arr[4], pruned: arr[5], parent: parent, depth: depth,
-             children: [], match: false};
+             children: [], match: false, base: arr.length > 7 ? arr[7] : null};
     var kids = arr[6] || [];
     for (var i = 0; i < kids.length; i++) n.children.push(this.decode(kids[i], n, depth + 1));
     if (depth + 1 > this.maxDepth) this.maxDepth = depth + 1;
@@ -249,7 +251,8 @@
     rect.setAttribute('y', String(y));
     rect.setAttribute('width', Math.max(0.5, w - 0.5).toFixed(2));
     rect.setAttribute('height', String(ROW - 1));
-    rect.setAttribute('fill', node.parent ? hashColor(node.name, node.file) : '#c8ccd4');
+    rect.setAttribute('fill', !node.parent ? '#c8ccd4' :
+      (this.data.diff ? this.diffColor(node) : hashColor(node.name, node.file)));
     g.appendChild(rect);
     if (w >= TEXT_PX) {
       var t = document.createElementNS(SVGNS, 'text');
@@ -262,6 +265,16 @@
       g.appendChild(t);
     }
     frag.appendChild(g);
+  };
+
+  Flamegraph.prototype.diffColor = function (n) {
+    var cur = this.tree.total ? n.total / this.tree.total : 0;
+    var bt = this.type.baseline_total;
+    var base = bt ? (n.base || 0) / bt : 0;
+    var d = Math.max(-1, Math.min(1, (cur - base) * 4));
+    if (Math.abs(d) < 0.02) return 'rgb(220,220,220)';
+    var k = Math.round(220 - Math.abs(d) * 140);
+    return d > 0 ? 'rgb(235,' + k + ',' + k + ')' : 'rgb(' + k + ',' + k + ',235)';
   };
 
   Flamegraph.prototype.onHover = function (ev) {
@@ -277,6 +290,8 @@
     var rows = [['Total', formatValue(n.total, unit) + ' (' + pct(n.total, total) + ')'],
                 ['Self', formatValue(n.self, unit) + ' (' + pct(n.self, total) + ')']];
     if (n.pruned) rows.push(['In tiny frames', formatValue(n.pruned, unit)]);
+    if (this.data.diff) rows.push(['Baseline', formatValue(n.base || 0, unit) + ' (' +
+      pct(n.base || 0, this.type.baseline_total) + ')']);
     rows.forEach(function (r) {
       var tr = el('tr');
       tr.appendChild(el('td', null, r[0]));

@@ -327,6 +327,33 @@ def run(store: str, listen: str, otlp_listen: str, rate: int, window: float, pro
         agent.close()
 
 
+@cli.command()
+@click.option("--store", required=True, envvar="SPANFLAME_STORE", metavar="DIR",
+              help="Directory of an existing store (what `spanflame run --store` wrote).")
+@click.option("--listen", default="127.0.0.1:4040", show_default=True, envvar="SPANFLAME_LISTEN",
+              metavar="HOST:PORT", help="Web UI and HTTP API.")
+@click.option("--auth-token", default=None, envvar="SPANFLAME_AUTH_TOKEN",
+              help="Require this bearer token for the UI's data and the API.")
+def serve(store: str, listen: str, auth_token: str | None) -> None:
+    """Serve the UI and API over an existing store, read-only (no profiling, no ingest)."""
+    import signal as _signal
+    import threading as _threading
+
+    from agent.ui import ReadOnlyAgent
+
+    agent = ReadOnlyAgent(store, listen=listen, auth_token=auth_token).start()
+    click.echo(f"spanflame: serving {store} read-only on {agent.url}", err=True)
+    done = _threading.Event()
+    _signal.signal(_signal.SIGTERM, lambda *a: done.set())
+    _signal.signal(_signal.SIGINT, lambda *a: done.set())
+    try:
+        while not done.wait(1.0):
+            if not agent.alive():
+                raise SpanflameError("the HTTP server stopped")
+    finally:
+        agent.close()
+
+
 # -- render ---------------------------------------------------------------------------------
 
 #: Largest input `render` reads, in bytes.

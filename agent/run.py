@@ -491,6 +491,8 @@ class Agent:
                                   "children_ns", "unaccounted_ns", "samples"):
                             bd[k] = bd.get(k, 0) + pb.get(k, 0)
                         bd["windows"] = pb.get("windows", []) + [window[0]]
+                        bd["top"] = _merge_top(pb.get("top") or {}, bd.get("top") or {})
+                        bd["cause"] = _cause_of(bd)
                 else:
                     bd["windows"] = [window[0]]
             rows.append({**_span_row(s), "breakdown": bd})
@@ -596,6 +598,21 @@ def _span_ids(profile: Profile) -> dict[str, set[tuple[str, str]]]:
             if v:
                 out.setdefault(names[i], set()).add((str(sid), str(tid or "")))
     return out
+
+
+def _merge_top(a: dict, b: dict) -> dict:
+    """Top function per category over two windows' parts of one span: the larger wins."""
+    out = dict(a)
+    for cat, v in b.items():
+        if cat not in out or v[3] > out[cat][3]:
+            out[cat] = v
+    return out
+
+
+def _cause_of(bd: dict) -> str:
+    from agent.spansummary import SpanBreakdown, cause
+    fields = SpanBreakdown.__dataclass_fields__
+    return cause(SpanBreakdown(**{k: v for k, v in bd.items() if k in fields}))
 
 
 def _span_row(s) -> dict:

@@ -29,7 +29,8 @@ from agent.store import INDEX_LABELS
 log = logging.getLogger(__name__)
 
 RESERVED = {"from", "until", "type", "service", "pid", "trace_id", "span_id", "token", "limit",
-            "format"}
+            "format", "descendants", "compare", "name", "min_duration_ms", "buckets",
+            "min_fraction"}
 MAX_RANGE_S = 31 * 24 * 3600
 
 
@@ -105,7 +106,12 @@ def build_apps(agent) -> tuple[Starlette, Starlette]:
     """(main app on --listen, OTLP app on --otlp-listen)."""
     m = agent.metrics
 
+    read_only = bool(getattr(agent, "read_only", False))
+
     async def healthz(request: Request) -> Response:
+        if read_only:
+            return JSONResponse({"status": "ok", "read_only": True,
+                                 "store": str(agent.store.dir)})
         return JSONResponse({"status": "ok", "processes": len(agent.workers),
                              "probes": agent.session.active if agent.session else [],
                              "probes_off": agent.probes_off, "rate_hz": agent.rate_hz,
@@ -150,13 +156,8 @@ def build_apps(agent) -> tuple[Starlette, Starlette]:
         tid = request.path_params["trace_id"].lower()
         if len(tid) != 32 or any(c not in "0123456789abcdef" for c in tid):
             return PlainTextResponse("trace_id must be 32 hex digits\n", status_code=400)
-        rows = await run_in_threadpool(agent.store.trace, tid)
-        known = {r["span_id"] for r in rows}
-        for s in agent.spans.trace(tid):  # spans not stored yet
-            if s.span_id not in known:
-                from agent.run import _span_row
-                rows.append({**_span_row(s), "duration_ns": s.duration_ns, "breakdown": None})
-        rows.sort(key=lambda r: r["start_ns"])
+        from agent.ui import trace_rows
+        rows = await run_in_threadpool(trace_rows, agent, tid)  # stored and not stored yet
         return JSONResponse([_span_json(r) for r in rows])
 
     async def api_services(request: Request) -> Response:
@@ -166,8 +167,6 @@ def build_apps(agent) -> tuple[Starlette, Starlette]:
             return PlainTextResponse(f"{exc}\n", status_code=400)
         return JSONResponse(await run_in_threadpool(agent.store.services, start, end))
 
-    ingest = PyroscopeIngest(agent.ingest, metrics=m)
-    otlp = OtlpReceiver(agent.spans, forwarder=agent.forwarder, metrics=m)
     routes = [
         Route("/healthz", healthz),
         Route("/metrics", metrics),
@@ -175,19 +174,20 @@ def build_apps(agent) -> tuple[Starlette, Starlette]:
         Route("/api/spans", api_spans),
         Route("/api/trace/{trace_id}", api_trace),
         Route("/api/services", api_services),
-        *ingest.routes(),
     ]
-    try:
-        from agent.ui import ui_routes
-        routes += ui_routes(agent)
-    except ImportError:
-        pass
-    shared = agent.opts.listen == agent.opts.otlp_listen
-    if shared:
-        routes += otlp.routes()
+    from agent.ui import ui_routes
+    routes += ui_routes(agent)
     middleware = []
     if agent.opts.auth_token:
         middleware.append(Middleware(TokenAuth, token=agent.opts.auth_token))
+    if read_only:  # `spanflame serve`: no ingest, no OTLP
+        return Starlette(routes=routes, middleware=middleware), None
+    ingest = PyroscopeIngest(agent.ingest, metrics=m)
+    otlp = OtlpReceiver(agent.spans, forwarder=agent.forwarder, metrics=m)
+    routes += ingest.routes()
+    shared = agent.opts.listen == agent.opts.otlp_listen
+    if shared:
+        routes += otlp.routes()
     main = Starlette(routes=routes, middleware=middleware)
     otlp_app = Starlette(routes=otlp.routes() + [Route("/healthz", healthz)],
                          middleware=middleware)
@@ -210,7 +210,8 @@ class TokenAuth(BaseHTTPMiddleware):
         self.token = token.encode()
 
     async def dispatch(self, request: Request, call_next):
-        if request.url.path == "/healthz":
+        from agent.ui import public_path
+        if public_path(request.url.path):
             return await call_next(request)
         auth = request.headers.get("authorization", "")
         given = auth[7:] if auth.lower().startswith("bearer ") else request.query_params.get("token", "")

@@ -98,13 +98,18 @@ class StoredProfile:
 
 class Store:
     def __init__(self, path: str | os.PathLike, *, retention_s: float = 72 * 3600,
-                 max_bytes: int = 10 << 30) -> None:
+                 max_bytes: int = 10 << 30, read_only: bool = False) -> None:
         self.dir = Path(path)
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SpanflameError(f"cannot use store {self.dir}: {exc.strerror or exc}") from None
+        self.read_only = read_only
         self.db_path = self.dir / "spanflame.db"
+        if read_only:
+            if not self.db_path.is_file():
+                raise SpanflameError(f"no spanflame store in {self.dir} (no spanflame.db)")
+        else:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise SpanflameError(f"cannot use store {self.dir}: {exc.strerror or exc}") from None
         self.retention_s = retention_s
         self.max_bytes = max_bytes
         self._local = threading.local()
@@ -113,13 +118,23 @@ class Store:
         self.deleted = 0
         try:
             con = self._con()
-            con.executescript(SCHEMA)
-            con.commit()
+            if read_only:
+                con.execute("SELECT COUNT(*) FROM profiles").fetchone()
+            else:
+                con.executescript(SCHEMA)
+                con.commit()
         except sqlite3.Error as exc:
             raise SpanflameError(f"cannot open store {self.db_path}: {exc}") from None
 
     def _con(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
+        if con is None and self.read_only:
+            # Read-only: never creates, migrates or writes anything (a running agent may own it).
+            uri = f"file:{self.db_path}?mode=ro"
+            con = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None,
+                                  check_same_thread=True)
+            con.execute("PRAGMA busy_timeout=30000")
+            self._local.con = con
         if con is None:
             con = sqlite3.connect(self.db_path, timeout=30, isolation_level=None,
                                   check_same_thread=True)
@@ -199,6 +214,7 @@ class Store:
     def find(self, *, start_ns: int, end_ns: int, type_name: str, service: str | None = None,
              pid: int | None = None, labels: dict | None = None,
              span_id: str | None = None, trace_id: str | None = None,
+             span_ids: Sequence[str] | None = None,
              limit: int = 100_000) -> list[StoredProfile]:
         """Profiles of `type_name` overlapping [start_ns, end_ns) that match every filter."""
         q = ["SELECT p.id, p.start_ns, p.end_ns, p.type, p.service, p.pid, p.labels, p.source, "
@@ -206,8 +222,12 @@ class Store:
         args: list = []
         where = ["p.type = ?", "p.start_ns < ?", "p.end_ns > ?"]
         args += [type_name, end_ns, start_ns]
-        if span_id or trace_id:
+        if span_id or trace_id or span_ids:
             q.append("JOIN profile_spans s ON s.profile_id = p.id")
+            if span_ids:
+                ids = list(span_ids)[:500]
+                where.append(f"s.span_id IN ({','.join('?' * len(ids))})")
+                args += ids
             if span_id:
                 where.append("s.span_id = ?")
                 args.append(span_id)
@@ -274,6 +294,30 @@ class Store:
             d["from_ns"] = min(d["from_ns"], lo)
             d["until_ns"] = max(d["until_ns"], hi)
         return [{**d, "pids": sorted(d["pids"])} for d in out.values()]
+
+    def types(self, start_ns: int, end_ns: int, *, service: str | None = None,
+              pid: int | None = None, span_ids: Sequence[str] | None = None,
+              trace_id: str | None = None) -> list[str]:
+        """The sample types stored for the range (and service, pid, spans or trace)."""
+        q = "SELECT DISTINCT p.type FROM profiles p"
+        where, args = ["p.start_ns < ?", "p.end_ns > ?"], [end_ns, start_ns]
+        if span_ids or trace_id:
+            q += " JOIN profile_spans s ON s.profile_id = p.id"
+            if span_ids:
+                ids = list(span_ids)[:500]
+                where.append(f"s.span_id IN ({','.join('?' * len(ids))})")
+                args += ids
+            if trace_id:
+                where.append("s.trace_id = ?")
+                args.append(trace_id)
+        if service is not None:
+            where.append("p.service = ?")
+            args.append(service)
+        if pid is not None:
+            where.append("p.pid = ?")
+            args.append(pid)
+        rows = self._con().execute(q + " WHERE " + " AND ".join(where), args).fetchall()
+        return sorted(r[0] for r in rows)
 
     def timeline(self, *, start_ns: int, end_ns: int, type_name: str, buckets: int = 60,
                  service: str | None = None, pid: int | None = None) -> list[list[int]]:

@@ -150,6 +150,10 @@ class TraceLinker:
         return out
 
     def span_at(self, pid: int, tid: int, t_ns: int) -> SpanRecord | None:
+        """The innermost span of the thread at t_ns."""
+        if self.window is not None and self.window[0] <= t_ns < self.window[1]:
+            st = self._steps_for(pid, tid)
+            return st.split(t_ns, t_ns + 1)[0].span if st.times else None
         for iv in self.intervals(pid, tid, t_ns, t_ns + 1):
             return iv.span
         return None

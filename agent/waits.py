@@ -84,11 +84,41 @@ class StackIndex:
             return self.tl.slices[i].stack
         return self.tl.slices[0].stack if self.tl.slices else ()
 
-    def during(self, start: int, end: int) -> Stack:
-        """The stack first seen inside (start, end], else the one seen at or before start."""
+    def during(self, start: int, end: int, span: tuple[int, int] | None = None) -> Stack:
+        """The stack py-spy showed for most of (start, end]; the one seen at or before start
+        when it saw no change inside.
+
+        A blocked thread's stack cannot change, so one stack is right for the whole wait. py-spy
+        stamps a sample when it processes it, a little late and by a varying amount, so the
+        first change seen inside a wait is often the stack from just before it: the stack that
+        covers most of the wait is the one py-spy saw while the thread waited.
+
+        `span` is the (start, end) of the span the thread was in when the wait began. A stack
+        seen before that span started is stale (the thread has since entered the span's code),
+        so when py-spy saw the thread inside the span, only what it saw there counts: during the
+        wait, else the first stack after it (the thread resumes where it waited).
+        """
+        slices = self.tl.slices
         i = bisect.bisect_right(self.starts, start)
-        if i < len(self.starts) and self.starts[i] <= end:
-            return self.tl.slices[i].stack
+        floor = span[0] if span is not None else None
+        best: dict[Stack, int] = {}
+        j = max(0, i - 1)
+        while j < len(slices) and slices[j].start_ns <= end:
+            sl = slices[j]
+            ov = min(end, sl.end_ns) - max(start, sl.start_ns)
+            if ov > 0 and sl.stack and (floor is None or sl.start_ns >= floor):
+                best[sl.stack] = best.get(sl.stack, 0) + ov
+            j += 1
+        if best:
+            return max(best.items(), key=lambda kv: kv[1])[0]
+        if floor is not None and span is not None:
+            k = bisect.bisect_left(self.starts, end)
+            while k < len(slices) and slices[k].start_ns <= span[1]:
+                if slices[k].stack:
+                    return slices[k].stack
+                k += 1
+        if i < len(slices) and slices[i].start_ns <= end:
+            return slices[i].stack
         return self.at(start)
 
 
@@ -268,7 +298,10 @@ def add_probe_samples(profile: Profile, pid: int, timelines: dict[int, ThreadTim
 
     def py(tid: int, start: int, end: int) -> Stack:
         i = idx.get(tid)
-        return i.during(start, end) if i else ()
+        if not i:
+            return ()
+        sp = linker.span_at(pid, tid, start) if linker is not None else None
+        return i.during(start, end, (sp.start_ns, sp.end_ns) if sp is not None else None)
 
     for r in data.runs:
         if r.tgid != pid or r.off_end_ns is None:

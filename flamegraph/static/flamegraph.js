@@ -267,12 +267,12 @@
     frag.appendChild(g);
   };
 
+  /* Diff colours compare values, not shares: the baseline is already scaled to be comparable
+   * (e.g. the average of other spans), so "this span spent 300 ms more here" shows as red. */
   Flamegraph.prototype.diffColor = function (n) {
-    var cur = this.tree.total ? n.total / this.tree.total : 0;
-    var bt = this.type.baseline_total;
-    var base = bt ? (n.base || 0) / bt : 0;
-    var d = Math.max(-1, Math.min(1, (cur - base) * 4));
-    if (Math.abs(d) < 0.02) return 'rgb(220,220,220)';
+    var scale = Math.max(this.tree.total || 0, this.type.baseline_total || 0);
+    var d = scale ? Math.max(-1, Math.min(1, 3 * (n.total - (n.base || 0)) / scale)) : 0;
+    if (Math.abs(d) < 0.03) return 'rgb(220,220,220)';
     var k = Math.round(220 - Math.abs(d) * 140);
     return d > 0 ? 'rgb(235,' + k + ',' + k + ')' : 'rgb(' + k + ',' + k + ',235)';
   };
@@ -290,8 +290,12 @@
     var rows = [['Total', formatValue(n.total, unit) + ' (' + pct(n.total, total) + ')'],
                 ['Self', formatValue(n.self, unit) + ' (' + pct(n.self, total) + ')']];
     if (n.pruned) rows.push(['In tiny frames', formatValue(n.pruned, unit)]);
-    if (this.data.diff) rows.push(['Baseline', formatValue(n.base || 0, unit) + ' (' +
-      pct(n.base || 0, this.type.baseline_total) + ')']);
+    if (this.data.diff) {
+      var b = n.base || 0, dv = n.total - b;
+      rows.push([this.data.baseline_label || 'Baseline', formatValue(b, unit) + ' (' +
+        pct(b, this.type.baseline_total) + ')']);
+      rows.push(['Difference', (dv > 0 ? '+' : dv < 0 ? '−' : '') + formatValue(Math.abs(dv), unit)]);
+    }
     rows.forEach(function (r) {
       var tr = el('tr');
       tr.appendChild(el('td', null, r[0]));

@@ -1,0 +1,416 @@
+"""The web UI: pages (one shell, drawn by flamegraph/static/app.js), its static assets and the
+JSON API behind them.
+
+Pages:   /  /explore  /spans  /trace/{trace_id}  /flamegraph?trace_id=..&span_id=..
+API:     /api/flamegraph   a flame graph document (format=json), or the same view as pprof
+                           (format=pprof) or speedscope (format=speedscope)
+         /api/timeline     activity over time, from the store's index (nothing decoded)
+         /api/span/{id}    one span, its breakdown and its children
+
+Everything a profiled process or a span client sent is data: it reaches the browser as JSON and
+the page puts it into the DOM as text only. The shell carries no data, so it is served without
+the bearer token (the script sends the token with every API call); its Content-Security-Policy
+allows scripts and styles from this origin only.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from importlib import resources
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from agent import pprof
+from agent.model import SAMPLE_TYPES, Profile
+from agent.server import RESERVED, BadRequest, _empty, _hex, _int, time_range
+from agent.store import INDEX_LABELS
+from flamegraph.html import flamegraph_data
+from flamegraph.speedscope import render_speedscope
+
+#: Assets the UI may load; nothing else under /static is served.
+STATIC = {"app.js": "text/javascript", "app.css": "text/css",
+          "flamegraph.js": "text/javascript", "flamegraph.css": "text/css"}
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'self'")
+UI_PARAMS = RESERVED | {"descendants", "compare", "name", "min_duration_ms", "buckets",
+                        "min_fraction"}
+#: How far around a span its flame graph looks for profiles (windows hold whole spans' parts).
+SPAN_MARGIN_NS = 60 * 1_000_000_000
+#: Spans of the same name the comparison averages over.
+MAX_BASELINE_SPANS = 50
+MAX_TYPES = 16
+
+SHELL = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>spanflame</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/static/flamegraph.css">
+<link rel="stylesheet" href="/static/app.css">
+</head><body>
+<nav class="sf-nav"><a class="sf-brand" href="/">spanflame</a>
+<a href="/explore" data-nav="explore">Explore</a><a href="/spans" data-nav="spans">Slow spans</a>
+<span class="sf-read-only" hidden>read-only</span></nav>
+<main id="app"><noscript>The spanflame UI needs JavaScript.</noscript></main>
+<script src="/static/flamegraph.js"></script>
+<script src="/static/app.js"></script>
+</body></html>
+"""
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("flamegraph").joinpath("static", name).read_bytes()
+
+
+def span_lookup(agent, span_id: str) -> dict | None:
+    """A span from the store, else from the agent's recent spans (not stored yet)."""
+    row = agent.store.span(span_id)
+    if row is not None:
+        return row
+    spans = getattr(agent, "spans", None)
+    rec = spans.get(span_id) if spans is not None and hasattr(spans, "get") else None
+    if rec is None:
+        return None
+    from agent.run import _span_row
+    return {**_span_row(rec), "duration_ns": rec.duration_ns, "breakdown": None}
+
+
+def trace_rows(agent, trace_id: str) -> list[dict]:
+    rows = agent.store.trace(trace_id)
+    known = {r["span_id"] for r in rows}
+    spans = getattr(agent, "spans", None)
+    if spans is not None:
+        from agent.run import _span_row
+        for s in spans.trace(trace_id):
+            if s.span_id not in known:
+                rows.append({**_span_row(s), "duration_ns": s.duration_ns, "breakdown": None})
+    rows.sort(key=lambda r: r["start_ns"])
+    return rows
+
+
+def descendants(rows: list[dict], span_id: str) -> set[str]:
+    """span_id and every span under it in the trace's rows."""
+    children: dict[str, list[str]] = {}
+    for r in rows:
+        children.setdefault(r["parent_span_id"], []).append(r["span_id"])
+    out, todo = {span_id}, [span_id]
+    while todo:
+        for c in children.get(todo.pop(), ()):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+class View:
+    """What /api/flamegraph shows: a range, filters, and optionally one span."""
+
+    def __init__(self, agent, q) -> None:
+        self.agent = agent
+        self.q = q
+        self.span_id = _hex(q, "span_id", 16)
+        self.trace_id = _hex(q, "trace_id", 32)
+        self.with_descendants = q.get("descendants") in ("1", "true", "yes")
+        self.compare = q.get("compare") in ("1", "true", "yes")
+        self.pid = _int(q, "pid")
+        self.service = q.get("service") or None
+        if self.service is not None and len(self.service) > 256:
+            raise BadRequest("service too long")
+        t = q.get("type") or ""
+        if len(t) > 64:
+            raise BadRequest("type too long")
+        self.type = t
+        try:
+            self.min_fraction = float(q.get("min_fraction") or 1e-4)
+        except ValueError:
+            raise BadRequest("min_fraction must be a number") from None
+        if not 0 <= self.min_fraction < 1:
+            raise BadRequest("min_fraction must be in [0, 1)")
+        extra = {k: v for k, v in q.items() if k not in UI_PARAMS}
+        if len(extra) > 32 or any(len(k) > 128 or len(v) > 1024 for k, v in extra.items()):
+            raise BadRequest("too many or too long label filters")
+        self.series = {k: v for k, v in extra.items() if k in INDEX_LABELS and k != "pid"}
+        self.sample = {k: v for k, v in extra.items() if k not in self.series}
+        self.span: dict | None = None
+        self.span_ids: set[str] | None = None
+        if self.span_id:
+            self.span = span_lookup(agent, self.span_id)
+            if self.span is None and not self.trace_id:
+                raise LookupError(f"span {self.span_id} is not in the store")
+            if self.span is not None:
+                self.trace_id = self.span["trace_id"]
+            self.span_ids = {self.span_id}
+            if self.with_descendants and self.trace_id:
+                self.span_ids = descendants(trace_rows(agent, self.trace_id), self.span_id)
+        if self.span is not None and not q.get("from") and not q.get("until"):
+            self.start = self.span["start_ns"] - SPAN_MARGIN_NS
+            self.end = self.span["end_ns"] + SPAN_MARGIN_NS
+        else:
+            self.start, self.end = time_range(q)
+
+    # -- profiles -------------------------------------------------------------------------------
+    def types(self) -> list[str]:
+        if self.type and self.type != "all":
+            return [self.type]
+        if self.span_ids is not None:
+            got = self.agent.store.types(self.start, self.end, span_ids=sorted(self.span_ids))
+        elif self.trace_id:
+            got = self.agent.store.types(self.start, self.end, trace_id=self.trace_id)
+        elif self.type == "all":
+            got = self.agent.store.types(self.start, self.end, service=self.service, pid=self.pid)
+        else:
+            got = ["cpu"]
+        return got[:MAX_TYPES]
+
+    def _load(self, type_name: str, span_ids: set[str] | None) -> Profile | None:
+        store = self.agent.store
+        found = store.find(start_ns=self.start, end_ns=self.end, type_name=type_name,
+                           service=self.service, pid=self.pid, labels=self.series or None,
+                           span_ids=sorted(span_ids) if span_ids else None,
+                           trace_id=self.trace_id if span_ids is None else None)
+        sample: dict = dict(self.sample)
+        if span_ids:
+            sample["span_id"] = set(span_ids)
+        elif self.trace_id:
+            sample["trace_id"] = self.trace_id
+        return store.merged(found, sample_labels=sample or None, type_name=type_name)
+
+    def profile(self, span_ids: set[str] | None = None, types: list[str] | None = None) -> Profile:
+        span_ids = self.span_ids if span_ids is None else span_ids
+        types = types or self.types()
+        merged: Profile | None = None
+        for t in types:
+            p = self._load(t, span_ids)
+            if p is None:
+                continue
+            if merged is None:
+                merged = p
+            else:
+                merged.merge(p)
+        if merged is None:
+            merged = _empty(types[0] if types else "cpu", self.start, self.end)
+        merged.default_sample_type = self._default_type(merged)
+        return merged
+
+    def _default_type(self, prof: Profile) -> str:
+        if self.type and self.type != "all" and prof.has_type(self.type):
+            return self.type
+        totals = {t.name: prof.total(t.name) for t in prof.sample_types
+                  if t.unit == "nanoseconds"}
+        if self.span and self.span.get("breakdown"):
+            # the sample type of the span's dominant cause
+            from agent.spansummary import CATEGORY_TYPE
+            bd = self.span["breakdown"]
+            cats = {c: bd.get(f"{c}_ns", 0) for c in CATEGORY_TYPE}
+            best = CATEGORY_TYPE[max(cats, key=cats.get)]
+            if totals.get(best):
+                return best
+        if totals.get("cpu"):
+            return "cpu"
+        if totals:
+            return max(totals, key=totals.get)
+        return prof.primary_type()
+
+    def baseline(self) -> tuple[Profile | None, int]:
+        """The other spans of this span's name and service in the range, merged, and how many."""
+        if self.span is None:
+            return None, 0
+        others = [r for r in self.agent.store.spans_named(
+            self.span["name"], self.span["service"], self.start - 3600 * 10**9,
+            self.end + 3600 * 10**9, limit=MAX_BASELINE_SPANS + 1)
+            if r["span_id"] != self.span_id][:MAX_BASELINE_SPANS]
+        if not others:
+            return None, 0
+        ids: set[str] = set()
+        for r in others:
+            if self.with_descendants:
+                ids |= descendants(trace_rows(self.agent, r["trace_id"]), r["span_id"])
+            else:
+                ids.add(r["span_id"])
+        lo = min(r["start_ns"] for r in others) - SPAN_MARGIN_NS
+        hi = max(r["end_ns"] for r in others) + SPAN_MARGIN_NS
+        saved = self.start, self.end, self.trace_id
+        self.start, self.end, self.trace_id = lo, hi, None
+        try:
+            prof = self.profile(span_ids=ids)
+        finally:
+            self.start, self.end, self.trace_id = saved
+        return prof, len(others)
+
+    def title(self) -> tuple[str, str]:
+        if self.span is not None:
+            return (f"{self.span['name']} · {self.span['service']}",
+                    f"span {self.span_id} of trace {self.span['trace_id']}"
+                    + (" with its descendants" if self.with_descendants else ""))
+        if self.span_id:
+            return f"span {self.span_id}", f"trace {self.trace_id}"
+        where = self.service or "all services"
+        if self.pid:
+            where += f" · pid {self.pid}"
+        return where, ""
+
+
+def flamegraph_document(agent, q) -> tuple[str, object, dict]:
+    """(format, payload, headers) for /api/flamegraph."""
+    fmt = q.get("format") or "json"
+    if fmt not in ("json", "pprof", "speedscope"):
+        raise BadRequest("format must be json, pprof or speedscope")
+    t0 = time.perf_counter()
+    view = View(agent, q)
+    prof = view.profile()
+    if fmt == "pprof":
+        return fmt, pprof.encode(prof), {}
+    title, subtitle = view.title()
+    if fmt == "speedscope":
+        return fmt, render_speedscope(prof, name=title), {}
+    base, n = view.baseline() if view.compare else (None, 0)
+    types = [t.name for t in prof.sample_types if t.name != "samples"] or None
+    data = flamegraph_data(prof, types=types, default_type=prof.default_sample_type, title=title,
+                           subtitle=subtitle, min_fraction=view.min_fraction, baseline=base,
+                           baseline_scale=1.0 / n if n else 1.0)
+    data["baseline_spans"] = n
+    if n:
+        data["baseline_label"] = f"Average of {n} others"
+    data["span"] = _span_brief(view.span) if view.span is not None else None
+    data["from"] = view.start / 1e9
+    data["until"] = view.end / 1e9
+    data["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+    return fmt, data, {"server-timing": f"build;dur={data['elapsed_ms']}"}
+
+
+def _span_brief(r: dict) -> dict:
+    from agent.server import _span_json
+    return _span_json(r)
+
+
+def ui_routes(agent) -> list[Route]:
+    read_only = bool(getattr(agent, "read_only", False))
+    shell = SHELL.replace("<span class=\"sf-read-only\" hidden>",
+                          "<span class=\"sf-read-only\">" if read_only else
+                          "<span class=\"sf-read-only\" hidden>")
+    headers = {"content-security-policy": CSP, "x-content-type-options": "nosniff",
+               "referrer-policy": "no-referrer", "cache-control": "no-store"}
+
+    async def page(request: Request) -> Response:
+        return Response(shell, media_type="text/html; charset=utf-8", headers=headers)
+
+    async def static(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in STATIC:
+            return PlainTextResponse("no such asset\n", status_code=404)
+        return Response(_asset(name), media_type=STATIC[name] + "; charset=utf-8",
+                        headers={"x-content-type-options": "nosniff",
+                                 "cache-control": "no-cache"})
+
+    async def api_flamegraph(request: Request) -> Response:
+        q = request.query_params
+        try:
+            fmt, payload, extra = await run_in_threadpool(flamegraph_document, agent, q)
+        except BadRequest as exc:
+            return PlainTextResponse(f"{exc}\n", status_code=400)
+        except LookupError as exc:
+            return PlainTextResponse(f"{exc}\n", status_code=404)
+        if fmt == "json":
+            return JSONResponse(payload, headers=extra)
+        if fmt == "pprof":
+            return Response(payload, media_type="application/octet-stream",
+                            headers={"content-disposition": 'attachment; filename="profile.pb.gz"'})
+        return Response(payload, media_type="application/json",
+                        headers={"content-disposition":
+                                 'attachment; filename="profile.speedscope.json"'})
+
+    async def api_timeline(request: Request) -> Response:
+        q = request.query_params
+        try:
+            start, end = time_range(q)
+            buckets = _int(q, "buckets", 120, 1, 2000)
+            pid = _int(q, "pid")
+            t = q.get("type") or "cpu"
+            if len(t) > 64:
+                raise BadRequest("type too long")
+        except BadRequest as exc:
+            return PlainTextResponse(f"{exc}\n", status_code=400)
+        pts = await run_in_threadpool(agent.store.timeline, start_ns=start, end_ns=end,
+                                      type_name=t, buckets=buckets,
+                                      service=q.get("service") or None, pid=pid)
+        st = SAMPLE_TYPES.get(t)
+        unit = st.unit if st is not None else "count"
+        return JSONResponse({"type": t, "unit": unit, "from": start / 1e9, "until": end / 1e9,
+                             "points": [[a / 1e9, v] for a, v in pts]})
+
+    async def api_span(request: Request) -> Response:
+        sid = request.path_params["span_id"].lower()
+        if not re.fullmatch(r"[0-9a-f]{16}", sid):
+            return PlainTextResponse("span_id must be 16 hex digits\n", status_code=400)
+        row = await run_in_threadpool(span_lookup, agent, sid)
+        if row is None:
+            return PlainTextResponse(f"span {sid} is not in the store\n", status_code=404)
+        rows = await run_in_threadpool(trace_rows, agent, row["trace_id"])
+        from agent.server import _span_json
+        out = _span_json(row)
+        out["children"] = [_span_json(r) for r in rows if r["parent_span_id"] == sid]
+        return JSONResponse(out)
+
+    async def api_info(request: Request) -> Response:
+        return JSONResponse({"read_only": read_only, "types": list(SAMPLE_TYPES),
+                             "now": time.time()})
+
+    return [
+        Route("/", page), Route("/explore", page), Route("/spans", page),
+        Route("/trace/{trace_id}", page), Route("/flamegraph", page),
+        Route("/static/{name}", static),
+        Route("/api/flamegraph", api_flamegraph),
+        Route("/api/timeline", api_timeline),
+        Route("/api/span/{span_id}", api_span),
+        Route("/api/info", api_info),
+    ]
+
+
+#: Paths served without the bearer token: the shell and its assets carry no data.
+def public_path(path: str) -> bool:
+    return (path in ("/", "/explore", "/spans", "/flamegraph", "/healthz")
+            or path.startswith("/static/") or path.startswith("/trace/"))
+
+
+class ReadOnlyAgent:
+    """What `spanflame serve` runs: the UI and API over an existing store, and nothing else."""
+
+    read_only = True
+
+    def __init__(self, store: str, *, listen: str = "127.0.0.1:4040",
+                 auth_token: str | None = None) -> None:
+        from types import SimpleNamespace
+
+        from agent.metrics import Metrics
+        from agent.store import Store
+
+        self.store = Store(store, read_only=True)
+        self.opts = SimpleNamespace(listen=listen, otlp_listen=None, auth_token=auth_token)
+        self.metrics = Metrics()
+        self.spans = None
+        self.server = None
+
+    def start(self) -> "ReadOnlyAgent":
+        from agent.httpserver import ServerThread, parse_listen
+        from agent.server import build_apps
+
+        app, _ = build_apps(self)
+        host, port = parse_listen(self.opts.listen)
+        self.server = ServerThread(app, host, port, name="http").start()
+        return self
+
+    @property
+    def url(self) -> str:
+        return self.server.url if self.server else ""
+
+    def alive(self) -> bool:
+        return self.server is not None and self.server.thread.is_alive()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        self.store.close()

@@ -5,7 +5,8 @@
 
 Every span gets `spanflame.pid` and `spanflame.tid` (the OS thread id, `threading.get_native_id()`,
 the id py-spy and the kernel use) and `thread.name`, so that the spanflame agent can put each
-sample on the span that was running on its thread. A local root span also gets
+sample on the span that was running on its thread, and `spanflame.span_id` (its own span id in
+hex), which tracing UIs that can only template links from tags (Jaeger) use for deep links. A local root span also gets
 `pyroscope.profile.id` (its span id), which Grafana's "Profiles for this span" looks for.
 
 With `opentelemetry-instrument`, no code change is needed: the `spanflame` instrumentor entry
@@ -26,6 +27,7 @@ ATTR_PID = "spanflame.pid"
 ATTR_TID = "spanflame.tid"
 ATTR_THREAD_NAME = "thread.name"
 ATTR_PROFILE_ID = "pyroscope.profile.id"
+ATTR_SPAN_ID = "spanflame.span_id"
 
 
 class SpanflameSpanProcessor(SpanProcessor):
@@ -35,6 +37,7 @@ class SpanflameSpanProcessor(SpanProcessor):
         span.set_attribute(ATTR_PID, os.getpid())
         span.set_attribute(ATTR_TID, threading.get_native_id())
         span.set_attribute(ATTR_THREAD_NAME, threading.current_thread().name)
+        span.set_attribute(ATTR_SPAN_ID, format(span.context.span_id, "016x"))
         parent = span.parent
         if parent is None or parent.is_remote:
             span.set_attribute(ATTR_PROFILE_ID, format(span.context.span_id, "016x"))

@@ -66,4 +66,6 @@ def test_opentelemetry_instrument_picks_up_the_processor_with_no_code_change(rec
     assert attrs["thread.name"] == "worker-7"
     assert attrs["pyroscope.profile.id"] == spans["outer"].span_id   # local root only
     assert "pyroscope.profile.id" not in dict(spans["inner"].attributes)
+    for s in spans.values():  # what Jaeger link patterns template deep links from
+        assert dict(s.attributes)["spanflame.span_id"] == s.span_id
     assert store.local_root(spans["inner"]).span_id == spans["outer"].span_id

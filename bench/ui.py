@@ -1,0 +1,219 @@
+"""Web UI latency over a big store: a span's flame graph, the slow-span list and a 50k-stack view.
+
+Generates (once; reused while --store holds it) a store with --hours of 10 s windows for
+--processes processes: one cpu, off_cpu and lock_wait profile per window and process (each about
+200 stacks, samples labelled with the window's spans), one span per second per process with a
+breakdown. A further profile with --wide unique stacks stands for a very busy service. Then:
+
+* API: /api/flamegraph for random spans (type=all, the span alone; with compare=1 against the
+  other spans of its name), /api/spans, and the explore view of the last hour, timed over HTTP
+  against `spanflame serve` on the store;
+* Chromium: navigation to data-ready for a span flame graph page, and for the wide profile
+  (fetch, decode and first draw), with the flame graph's own draw time.
+
+Medians of --runs, in milliseconds.
+
+    python -m bench.ui [--store /var/tmp/spanflame-bench-ui] [--hours 24] [--processes 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from agent import pprof
+from agent.model import Frame, Profile
+from agent.store import Store
+from bench.render import CHROMIUM_ARGS, synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+WINDOW_S = 10
+SPAN_NAMES = ["GET /orders", "POST /checkout", "save_order", "load_report", "render_page"]
+
+
+def _template(rng: random.Random, funcs: list[Frame], n: int) -> list[tuple]:
+    root = Frame("main", "/srv/app/main.py", 1)
+    out = []
+    for _ in range(n):
+        depth = rng.randint(6, 18)
+        out.append(tuple(rng.choice(funcs) for _ in range(depth)) + (root,))
+    return out
+
+
+def generate(path: Path, hours: float, processes: int, wide: int) -> dict:
+    """Write the store; returns what the benchmark needs to know about it."""
+    rng = random.Random(7)
+    store = Store(path, retention_s=10 * 86400, max_bytes=1 << 40)
+    funcs = [Frame(f"handler_{i}", f"/srv/app/mod_{i % 40}.py", i % 300 + 1) for i in range(1500)]
+    stacks = _template(rng, funcs, 2000)
+    now = int(time.time()) * 10**9
+    start = now - int(hours * 3600) * 10**9
+    windows = int(hours * 3600 / WINDOW_S)
+    t0 = time.perf_counter()
+    con = store._con()
+    con.execute("PRAGMA synchronous=OFF")  # generating, not measuring durability
+    spans_per_window = WINDOW_S  # one span per second per process
+    n_profiles = 0
+    for w in range(windows):
+        ws = start + w * WINDOW_S * 10**9
+        span_rows, prof_rows = [], []
+        for proc in range(processes):
+            pid = 1000 + proc
+            spans = []
+            for k in range(spans_per_window):
+                sid = f"{rng.getrandbits(64):016x}"
+                tid = f"{rng.getrandbits(128):032x}"
+                s0 = ws + k * 10**9
+                dur = int(rng.expovariate(1 / 80e6)) + 1_000_000
+                spans.append((sid, tid, s0, min(s0 + dur, ws + WINDOW_S * 10**9)))
+            for t, unit in (("cpu", "nanoseconds"), ("off_cpu", "nanoseconds"),
+                            ("lock_wait", "nanoseconds")):
+                p = Profile([("samples", "count"), (t, unit)], time_ns=ws,
+                            duration_ns=WINDOW_S * 10**9, period=10_000_000,
+                            period_type=("cpu", "nanoseconds"), default_sample_type=t)
+                for i in range(200):
+                    sid, tid, _a, _b = spans[i % len(spans)]
+                    labels = (("pid", pid), ("span_id", sid), ("span_name", SPAN_NAMES[i % 5]),
+                              ("thread_id", pid + 1), ("trace_id", tid))
+                    p.add(stacks[rng.randrange(len(stacks))], labels, {"samples": 1, t: 10_000_000})
+                prof_rows.append((p, t, pid, [(s[0], s[1]) for s in spans]))
+            for k, (sid, tid, a, b) in enumerate(spans):
+                name = SPAN_NAMES[k % 5]
+                bd = {"cpu_ns": (b - a) // 2, "lock_ns": (b - a) // 4, "io_ns": (b - a) // 8,
+                      "other_ns": (b - a) // 8, "gil_ns": 0, "net_ns": 0, "children_ns": 0,
+                      "unaccounted_ns": 0, "cause": f"50% on CPU in handler_{k} (mod_{k}.py:{k + 1})",
+                      "top": {}}
+                span_rows.append({"span_id": sid, "trace_id": tid, "parent_span_id": "",
+                                  "name": name, "service": f"svc-{proc % 3}", "pid": pid,
+                                  "tid": pid + 1, "start_ns": a, "end_ns": b, "breakdown": bd})
+        for p, t, pid, spans in prof_rows:
+            store.add_profile(p, type_name=t, service=f"svc-{(pid - 1000) % 3}", pid=pid,
+                              labels={"service_name": f"svc-{(pid - 1000) % 3}", "pid": str(pid)},
+                              spans=spans)
+            n_profiles += 1
+        store.add_spans(span_rows)
+        if w % 500 == 0:
+            done = (w + 1) / windows
+            print(f"  generating: {100 * done:.0f}% ({time.perf_counter() - t0:.0f} s)",
+                  file=sys.stderr)
+    wide_p = synthetic(wide)
+    wide_p.time_ns = now - 300 * 10**9
+    wide_p.duration_ns = WINDOW_S * 10**9
+    store.add_profile(wide_p, type_name="cpu", service="wide", pid=99, labels={})
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+    return {"profiles": n_profiles + 1, "seconds": time.perf_counter() - t0}
+
+
+def _serve(path: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "spanflame"), "serve", "--store",
+                             str(path), "--listen", f"127.0.0.1:{port}"],
+                            stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("spanflame serve did not come up")
+
+
+def _timed(client: httpx.Client, path: str, params: dict) -> float:
+    t = time.perf_counter()
+    r = client.get(path, params=params)
+    r.raise_for_status()
+    r.content
+    return (time.perf_counter() - t) * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--store", default="/var/tmp/spanflame-bench-ui")
+    ap.add_argument("--hours", type=float, default=24.0)
+    ap.add_argument("--processes", type=int, default=10)
+    ap.add_argument("--wide", type=int, default=50_000)
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--port", type=int, default=4077)
+    args = ap.parse_args()
+    path = Path(args.store)
+    marker = path / f"generated-{args.hours}h-{args.processes}p-{args.wide}"
+    if not marker.exists():
+        if path.exists():
+            for f in path.iterdir():
+                f.unlink()
+        info = generate(path, args.hours, args.processes, args.wide)
+        marker.write_text("ok\n")
+        print(f"generated {info['profiles']} profiles in {info['seconds']:.0f} s", file=sys.stderr)
+    db = path / "spanflame.db"
+    store = Store(path, read_only=True)
+    con = store._con()
+    n_prof = con.execute("SELECT COUNT(*) FROM profiles").fetchone()[0]
+    n_spans = con.execute("SELECT COUNT(*) FROM spans").fetchone()[0]
+    rng = random.Random(3)
+    total_spans = n_spans
+    picks = [con.execute("SELECT span_id, trace_id FROM spans LIMIT 1 OFFSET ?",
+                         (rng.randrange(total_spans),)).fetchone() for _ in range(args.runs)]
+    store.close()
+    print(f"store: {n_prof} profiles, {n_spans} spans, {db.stat().st_size / 2**30:.2f} GiB "
+          f"({args.hours:g} h x {args.processes} processes)")
+
+    proc = _serve(path, args.port)
+    base = f"http://127.0.0.1:{args.port}"
+    try:
+        with httpx.Client(base_url=base, timeout=120) as c:
+            _timed(c, "/api/flamegraph", {"span_id": picks[0][0], "type": "all"})  # warm
+            span_ms = [_timed(c, "/api/flamegraph", {"span_id": s, "trace_id": t, "type": "all"})
+                       for s, t in picks]
+            cmp_ms = [_timed(c, "/api/flamegraph", {"span_id": s, "trace_id": t, "type": "all",
+                                                   "compare": 1}) for s, t in picks[:5]]
+            now = time.time()
+            slow_ms = [_timed(c, "/api/spans", {"from": now - 86400, "until": now, "limit": 200})
+                       for _ in range(5)]
+            explore_ms = [_timed(c, "/api/flamegraph", {"from": now - 3600, "until": now,
+                                                       "service": "svc-1", "type": "cpu"})
+                          for _ in range(3)]
+            wide_ms = [_timed(c, "/api/flamegraph", {"from": now - 900, "until": now,
+                                                    "service": "wide", "type": "cpu"})
+                       for _ in range(3)]
+        med = statistics.median
+        print(f"API (HTTP, medians): span flame graph {med(span_ms):.0f} ms "
+              f"(max {max(span_ms):.0f}, n={len(span_ms)}); with compare {med(cmp_ms):.0f} ms; "
+              f"slow spans over 24 h {med(slow_ms):.0f} ms; explore 1 h of one service "
+              f"{med(explore_ms):.0f} ms; {args.wide} unique stacks {med(wide_ms):.0f} ms")
+
+        from playwright.sync_api import sync_playwright
+        with sync_playwright() as p:
+            b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            page = b.new_page(viewport={"width": 1400, "height": 900})
+
+            def load(url: str) -> tuple[float, float]:
+                t = time.perf_counter()
+                page.goto(base + url)
+                page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+                total = (time.perf_counter() - t) * 1000
+                return total, page.evaluate("window.spanflameTimings.renderMs")
+
+            load(f"/flamegraph?span_id={picks[0][0]}&trace_id={picks[0][1]}")
+            pages = [load(f"/flamegraph?span_id={s}&trace_id={t}") for s, t in picks[:8]]
+            wide_pages = [load(f"/explore?service=wide&type=cpu&range=15m") for _ in range(3)]
+            b.close()
+        print(f"Chromium (navigation to drawn, medians): span flame graph page "
+              f"{med([a for a, _ in pages]):.0f} ms (draw {med([d for _, d in pages]):.0f} ms); "
+              f"{args.wide}-stack explore page {med([a for a, _ in wide_pages]):.0f} ms "
+              f"(draw {med([d for _, d in wide_pages]):.0f} ms)")
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+if __name__ == "__main__":
+    main()

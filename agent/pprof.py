@@ -9,6 +9,7 @@ locations (one line each), one mapping, labels and a string table whose entry 0 
 from __future__ import annotations
 
 import gzip
+from itertools import chain
 import zlib
 
 from google.protobuf.message import DecodeError
@@ -172,26 +173,31 @@ def _from_pb(pb: profile_pb2.Profile) -> Profile:
 
     ntypes = len(types)
     samples = prof.samples
+    get_frames = locations.__getitem__
+    label_cache: dict[tuple, tuple] = {}
     for sample in pb.sample:
-        if len(sample.value) != ntypes:
+        values = list(sample.value)
+        if len(values) != ntypes:
             raise ProfileDecodeError(
-                f"invalid pprof: a sample has {len(sample.value)} values for {ntypes} sample types")
-        stack: list[Frame] = []
-        for lid in sample.location_id:
-            frames = locations.get(lid)
-            if frames is None:
-                raise ProfileDecodeError(f"invalid pprof: sample refers to missing location {lid}")
-            stack.extend(frames)
-        labels = {}
-        for lab in sample.label:
-            key = s(lab.key, "label key")
-            labels[key] = s(lab.str, "label value") if lab.str else lab.num
-        key = (tuple(stack), tuple(sorted(labels.items())))
+                f"invalid pprof: a sample has {len(values)} values for {ntypes} sample types")
+        try:
+            stack = tuple(chain.from_iterable(map(get_frames, sample.location_id)))
+        except KeyError as exc:
+            raise ProfileDecodeError(
+                f"invalid pprof: sample refers to missing location {exc.args[0]}") from None
+        raw = tuple((lab.key, lab.str, lab.num) for lab in sample.label)
+        labels = label_cache.get(raw)
+        if labels is None:
+            d = {}
+            for k, sv, num in raw:
+                d[s(k, "label key")] = s(sv, "label value") if sv else num
+            labels = label_cache[raw] = tuple(sorted(d.items()))
+        key = (stack, labels)
         vec = samples.get(key)
         if vec is None:
-            samples[key] = list(sample.value)
+            samples[key] = values
         else:
-            for i, v in enumerate(sample.value):
+            for i, v in enumerate(values):
                 vec[i] += v
     return prof
 

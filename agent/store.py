@@ -77,10 +77,29 @@ CREATE TABLE IF NOT EXISTS spans (
 CREATE INDEX IF NOT EXISTS spans_trace ON spans(trace_id);
 CREATE INDEX IF NOT EXISTS spans_time ON spans(start_ns);
 CREATE INDEX IF NOT EXISTS spans_duration ON spans(service, duration_ns);
+CREATE INDEX IF NOT EXISTS spans_longest ON spans(duration_ns);
+CREATE INDEX IF NOT EXISTS spans_end ON spans(end_ns);
+CREATE INDEX IF NOT EXISTS spans_name ON spans(name, start_ns);
 """
 
 #: Series label keys kept in the index (queries filter on them without decoding).
 INDEX_LABELS = ("service_name", "pid", "node", "container_id", "namespace", "pod", "container")
+
+
+def _span_subquery(span_id, trace_id, span_ids) -> tuple[str, list]:
+    """Profile ids holding these spans (or this trace), from the span index."""
+    where, args = [], []
+    if span_ids:
+        ids = list(span_ids)[:500]
+        where.append(f"span_id IN ({','.join('?' * len(ids))})")
+        args += ids
+    if span_id:
+        where.append("span_id = ?")
+        args.append(span_id)
+    if trace_id:
+        where.append("trace_id = ?")
+        args.append(trace_id)
+    return "SELECT profile_id FROM profile_spans WHERE " + " AND ".join(where), args
 
 
 @dataclass(frozen=True)
@@ -223,19 +242,15 @@ class Store:
         where = ["p.type = ?", "p.start_ns < ?", "p.end_ns > ?"]
         args += [type_name, end_ns, start_ns]
         if span_id or trace_id or span_ids:
-            q.append("JOIN profile_spans s ON s.profile_id = p.id")
-            if span_ids:
-                ids = list(span_ids)[:500]
-                where.append(f"s.span_id IN ({','.join('?' * len(ids))})")
-                args += ids
-            if span_id:
-                where.append("s.span_id = ?")
-                args.append(span_id)
-            if trace_id:
-                where.append("s.trace_id = ?")
-                args.append(trace_id)
+            # Through the span index first: a span is in a handful of profiles, a type and a
+            # time range can be in hundreds of thousands. (A unary + keeps SQLite off the
+            # type/time and service indexes here.)
+            where = ["+p.type = ?", "+p.start_ns < ?", "p.end_ns > ?"]
+            sub, sargs = _span_subquery(span_id, trace_id, span_ids)
+            where.append(f"p.id IN ({sub})")
+            args += sargs
         if service is not None:
-            where.append("p.service = ?")
+            where.append("+p.service = ?" if (span_id or trace_id or span_ids) else "p.service = ?")
             args.append(service)
         if pid is not None:
             where.append("p.pid = ?")
@@ -302,14 +317,10 @@ class Store:
         q = "SELECT DISTINCT p.type FROM profiles p"
         where, args = ["p.start_ns < ?", "p.end_ns > ?"], [end_ns, start_ns]
         if span_ids or trace_id:
-            q += " JOIN profile_spans s ON s.profile_id = p.id"
-            if span_ids:
-                ids = list(span_ids)[:500]
-                where.append(f"s.span_id IN ({','.join('?' * len(ids))})")
-                args += ids
-            if trace_id:
-                where.append("s.trace_id = ?")
-                args.append(trace_id)
+            where[0] = "+p.start_ns < ?"
+            sub, sargs = _span_subquery(None, trace_id, span_ids)
+            where.append(f"p.id IN ({sub})")
+            args += sargs
         if service is not None:
             where.append("p.service = ?")
             args.append(service)
@@ -346,7 +357,15 @@ class Store:
     def slow_spans(self, *, start_ns: int, end_ns: int, service: str | None = None,
                    name: str | None = None, min_duration_ns: int = 0,
                    limit: int = 100) -> list[dict]:
-        where = ["start_ns < ?", "end_ns > ?", "duration_ns >= ?"]
+        if end_ns - start_ns > 3600 * 10**9:
+            # Over long ranges, walk spans longest first and stop at `limit` (spans_longest)
+            # rather than sort every span of the range; over short ones, take the spans ending
+            # in it (spans_end) and sort those. (Unary + and `+ 0` keep SQLite off the other.)
+            where = ["+start_ns < ?", "+end_ns > ?", "duration_ns >= ?"]
+            order = "duration_ns DESC"
+        else:
+            where = ["+start_ns < ?", "end_ns > ?", "+duration_ns >= ?"]
+            order = "duration_ns + 0 DESC"
         args: list = [end_ns, start_ns, min_duration_ns]
         if service:
             where.append("service = ?")
@@ -355,13 +374,19 @@ class Store:
             where.append("name = ?")
             args.append(name)
         args.append(limit)
-        return self._spans("WHERE " + " AND ".join(where) + " ORDER BY duration_ns DESC LIMIT ?",
-                           args)
+        return self._spans("WHERE " + " AND ".join(where) + f" ORDER BY {order} LIMIT ?", args)
 
     def spans_named(self, name: str, service: str, start_ns: int, end_ns: int,
                     limit: int = 200) -> list[dict]:
         return self._spans("WHERE name = ? AND service = ? AND start_ns < ? AND end_ns > ? "
                            "ORDER BY start_ns DESC LIMIT ?", (name, service, end_ns, start_ns, limit))
+
+    def spans_near(self, name: str, service: str, t_ns: int, start_ns: int, end_ns: int,
+                   limit: int = 20) -> list[dict]:
+        """Spans of this name and service in the range, nearest to t_ns first."""
+        return self._spans("WHERE name = ? AND start_ns >= ? AND start_ns < ? AND service = ? "
+                           "ORDER BY ABS(start_ns - ?) LIMIT ?",
+                           (name, start_ns, end_ns, service, t_ns, limit))
 
     def _spans(self, where: str, args) -> list[dict]:
         rows = self._con().execute(

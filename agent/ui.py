@@ -15,6 +15,7 @@ allows scripts and styles from this origin only.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from importlib import resources
@@ -41,23 +42,27 @@ UI_PARAMS = RESERVED | {"descendants", "compare", "name", "min_duration_ms", "bu
 #: How far around a span its flame graph looks for profiles (windows hold whole spans' parts).
 SPAN_MARGIN_NS = 60 * 1_000_000_000
 #: Spans of the same name the comparison averages over.
-MAX_BASELINE_SPANS = 50
+MAX_BASELINE_SPANS = 20
 MAX_TYPES = 16
+#: A view over more stored profiles than this (per sample type) is estimated from this many,
+#: spread evenly over the range, with values scaled up: opening a day of a busy service stays
+#: interactive. Span views are always exact (a span's profiles are a handful).
+MAX_MERGED_PROFILES = 60
 
 SHELL = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>spanflame</title>
 <link rel="icon" href="data:,">
-<link rel="stylesheet" href="/static/flamegraph.css">
-<link rel="stylesheet" href="/static/app.css">
+<link rel="stylesheet" href="/static/flamegraph.css?v={flamegraph.css}">
+<link rel="stylesheet" href="/static/app.css?v={app.css}">
 </head><body>
 <nav class="sf-nav"><a class="sf-brand" href="/">spanflame</a>
 <a href="/explore" data-nav="explore">Explore</a><a href="/spans" data-nav="spans">Slow spans</a>
 <span class="sf-read-only" hidden>read-only</span></nav>
 <main id="app"><noscript>The spanflame UI needs JavaScript.</noscript></main>
-<script src="/static/flamegraph.js"></script>
-<script src="/static/app.js"></script>
+<script src="/static/flamegraph.js?v={flamegraph.js}"></script>
+<script src="/static/app.js?v={app.js}"></script>
 </body></html>
 """
 
@@ -137,6 +142,8 @@ class View:
         self.sample = {k: v for k, v in extra.items() if k not in self.series}
         self.span: dict | None = None
         self.span_ids: set[str] | None = None
+        #: (profiles used, profiles matching) when the view is an estimate
+        self.sampled: tuple[int, int] | None = None
         if self.span_id:
             self.span = span_lookup(agent, self.span_id)
             if self.span is None and not self.trace_id:
@@ -177,7 +184,19 @@ class View:
             sample["span_id"] = set(span_ids)
         elif self.trace_id:
             sample["trace_id"] = self.trace_id
-        return store.merged(found, sample_labels=sample or None, type_name=type_name)
+        scale = 1.0
+        if not span_ids and not self.trace_id and len(found) > MAX_MERGED_PROFILES:
+            n = len(found)
+            step = n / MAX_MERGED_PROFILES
+            found = [found[int(i * step)] for i in range(MAX_MERGED_PROFILES)]
+            scale = n / len(found)
+            self.sampled = (len(found), n)
+        prof = store.merged(found, sample_labels=sample or None, type_name=type_name)
+        if prof is not None and scale != 1.0:
+            for vec in prof.samples.values():
+                for i, v in enumerate(vec):
+                    vec[i] = round(v * scale)
+        return prof
 
     def profile(self, span_ids: set[str] | None = None, types: list[str] | None = None) -> Profile:
         span_ids = self.span_ids if span_ids is None else span_ids
@@ -216,12 +235,13 @@ class View:
         return prof.primary_type()
 
     def baseline(self) -> tuple[Profile | None, int]:
-        """The other spans of this span's name and service in the range, merged, and how many."""
+        """The other spans of this span's name and service nearest to it in time (within an
+        hour), merged, and how many."""
         if self.span is None:
             return None, 0
-        others = [r for r in self.agent.store.spans_named(
-            self.span["name"], self.span["service"], self.start - 3600 * 10**9,
-            self.end + 3600 * 10**9, limit=MAX_BASELINE_SPANS + 1)
+        others = [r for r in self.agent.store.spans_near(
+            self.span["name"], self.span["service"], self.span["start_ns"],
+            self.start - 3600 * 10**9, self.end + 3600 * 10**9, limit=MAX_BASELINE_SPANS + 1)
             if r["span_id"] != self.span_id][:MAX_BASELINE_SPANS]
         if not others:
             return None, 0
@@ -272,6 +292,12 @@ def flamegraph_document(agent, q) -> tuple[str, object, dict]:
     data = flamegraph_data(prof, types=types, default_type=prof.default_sample_type, title=title,
                            subtitle=subtitle, min_fraction=view.min_fraction, baseline=base,
                            baseline_scale=1.0 / n if n else 1.0)
+    if view.sampled is not None:
+        used, total = view.sampled
+        data["subtitle"] = ((data["subtitle"] + " · ") if data["subtitle"] else "") + (
+            f"estimated from {used} of {total} stored profiles, spread over the range "
+            "(narrow the range or filter for exact values)")
+    data["sampled"] = list(view.sampled) if view.sampled else None
     data["baseline_spans"] = n
     if n:
         data["baseline_label"] = f"Average of {n} others"
@@ -289,7 +315,11 @@ def _span_brief(r: dict) -> dict:
 
 def ui_routes(agent) -> list[Route]:
     read_only = bool(getattr(agent, "read_only", False))
-    shell = SHELL.replace("<span class=\"sf-read-only\" hidden>",
+    assets = {name: _asset(name) for name in STATIC}
+    shell = SHELL
+    for name, data in assets.items():  # versioned URLs: assets are cached, never stale
+        shell = shell.replace("{" + name + "}", hashlib.sha256(data).hexdigest()[:12])
+    shell = shell.replace("<span class=\"sf-read-only\" hidden>",
                           "<span class=\"sf-read-only\">" if read_only else
                           "<span class=\"sf-read-only\" hidden>")
     headers = {"content-security-policy": CSP, "x-content-type-options": "nosniff",
@@ -302,9 +332,9 @@ def ui_routes(agent) -> list[Route]:
         name = request.path_params["name"]
         if name not in STATIC:
             return PlainTextResponse("no such asset\n", status_code=404)
-        return Response(_asset(name), media_type=STATIC[name] + "; charset=utf-8",
+        return Response(assets[name], media_type=STATIC[name] + "; charset=utf-8",
                         headers={"x-content-type-options": "nosniff",
-                                 "cache-control": "no-cache"})
+                                 "cache-control": "public, max-age=86400"})
 
     async def api_flamegraph(request: Request) -> Response:
         q = request.query_params

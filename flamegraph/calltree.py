@@ -45,18 +45,23 @@ def build_tree(samples: Iterable[tuple[Stack, int]], root_name: str = "all",
     keys: dict[tuple[str, str], int] = {}
     info: list[Frame] = []
     paths: dict[tuple[int, ...], int] = {}
+    fid: dict[Frame, int] = {}  # frame -> function id (frames differing in line share one)
+    lookup = fid.__getitem__
     for stack, value in samples:
         if not value:
             continue
-        ids = []
-        for f in reversed(stack):
-            k = (f[0], f[1])
-            i = keys.get(k)
-            if i is None:
-                i = keys[k] = len(info)
-                info.append(f)
-            ids.append(i)
-        t = tuple(ids)
+        try:
+            t = tuple(map(lookup, reversed(stack)))
+        except KeyError:
+            for f in stack:
+                if f not in fid:
+                    k = (f[0], f[1])
+                    i = keys.get(k)
+                    if i is None:
+                        i = keys[k] = len(info)
+                        info.append(f)
+                    fid[f] = i
+            t = tuple(map(lookup, reversed(stack)))
         paths[t] = paths.get(t, 0) + value
     items = sorted(paths.items())
     ps = [k for k, _ in items]
@@ -128,28 +133,44 @@ class FunctionStat:
 
 
 def top_functions(samples: Iterable[tuple[Stack, int]], limit: int = 20) -> list[FunctionStat]:
-    """Functions by self value; `total` counts each function once per stack (recursion-safe)."""
-    self_v: dict[tuple[str, str], int] = {}
-    total_v: dict[tuple[str, str], int] = {}
-    lines: dict[tuple[str, str], int] = {}
+    """Functions by self value (then name); `total` counts each function once per stack
+    (recursion-safe). Functions that are never a leaf fill the list only when fewer than
+    `limit` functions have self time.
+
+    Totals are computed for the chosen functions only: one pass over the stacks with a set
+    lookup per frame, instead of a dictionary update per frame of every function.
+    """
     per_stack: dict[Stack, int] = {}
     for stack, value in samples:
         if value and stack:
             per_stack[stack] = per_stack.get(stack, 0) + value
+    self_v: dict[tuple[str, str], int] = {}
     for stack, value in per_stack.items():
         leaf = stack[0]
         k = (leaf.name, leaf.filename)
         self_v[k] = self_v.get(k, 0) + value
-        for fk in {(f.name, f.filename): None for f in stack}:
-            total_v[fk] = total_v.get(fk, 0) + value
-    order = sorted(total_v, key=lambda k: (-self_v.get(k, 0), -total_v[k], k))[:limit]
+    order = sorted(self_v, key=lambda k: (-self_v[k], k))[:limit]
+    if len(order) < limit:  # callers with no self time, by total
+        rest: dict[tuple[str, str], int] = {}
+        for stack, value in per_stack.items():
+            for fk in {(f.name, f.filename) for f in stack} - self_v.keys():
+                rest[fk] = rest.get(fk, 0) + value
+        order += sorted(rest, key=lambda k: (-rest[k], k))[: limit - len(order)]
     wanted = set(order)
-    for stack in per_stack:
+    names = {k[0] for k in wanted}
+    total_v = dict.fromkeys(order, 0)
+    lines: dict[tuple[str, str], int] = {}
+    for stack, value in per_stack.items():
+        seen = None
         for f in stack:
-            k = (f.name, f.filename)
-            if k in wanted and k not in lines:
-                lines[k] = f.line
-        if len(lines) == len(wanted):
-            break
+            if f.name in names:
+                k = (f.name, f.filename)
+                if k in wanted and (seen is None or k not in seen):
+                    if seen is None:
+                        seen = set()
+                    seen.add(k)
+                    total_v[k] += value
+                    if k not in lines:
+                        lines[k] = f.line
     return [FunctionStat(k[0], k[1], lines.get(k, 0), self_v.get(k, 0), total_v[k])
             for k in order]

@@ -273,7 +273,7 @@
         if (!fg) fg = FG.create(chart, data, {});
         else fg.setData(data);
         global.flamegraph = fg;
-        global.spanflameTimings = {fetchMs: fetchMs, renderMs: fg.renderMs};
+        global.spanflameTimings = {fetchMs: fetchMs, renderMs: fg.renderMs, readyMs: performance.now()};
         document.body.setAttribute('data-ready', '1');
       }).catch(function (e) { clear(status); status.appendChild(errorBox(e.message)); });
     }
@@ -529,7 +529,7 @@
         if (!fg) fg = FG.create(chart, data, opts);
         else { fg.opts.type = type || undefined; fg.setData(data); }
         global.flamegraph = fg;
-        global.spanflameTimings = {fetchMs: fetchMs, renderMs: fg.renderMs};
+        global.spanflameTimings = {fetchMs: fetchMs, renderMs: fg.renderMs, readyMs: performance.now()};
         document.body.setAttribute('data-ready', '1');
       }).catch(function (e) { clear(status); status.appendChild(errorBox(e.message)); });
     }

@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ["attach_overhead", "probe_overhead", "linker", "render"]
+BENCHMARKS = ["attach_overhead", "probe_overhead", "linker", "render", "ui", "agent_budget"]
 
 
 def main() -> None:

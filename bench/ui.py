@@ -171,7 +171,7 @@ def _timed(client: httpx.Client, path: str, params: dict) -> float:
     return (time.perf_counter() - t) * 1000
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--store", default="/var/tmp/spanflame-bench-ui")
     ap.add_argument("--hours", type=float, default=24.0)
@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--real-windows", type=int, default=60)
     ap.add_argument("--port", type=int, default=4077)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     path = Path(args.store)
     marker = path / f"generated-{args.hours}h-{args.processes}p-{args.wide}-{args.real_windows}"
     if not marker.exists():
@@ -197,6 +197,9 @@ def main() -> None:
     n_spans = con.execute("SELECT COUNT(*) FROM spans").fetchone()[0]
     rng = random.Random(3)
     real = [line.split() for line in (path / "real-spans.txt").read_text().splitlines()]
+    w0, w1 = con.execute("SELECT start_ns, end_ns FROM profiles WHERE service = 'wide'").fetchone()
+    wide_q = {"from": f"{w0 / 1e9 - 1:.3f}", "until": f"{w1 / 1e9 + 1:.3f}", "service": "wide",
+              "type": "cpu"}
     picks = rng.sample(real, min(args.runs, len(real)))
     store.close()
     print(f"store: {n_prof} profiles, {n_spans} spans, {db.stat().st_size / 2**30:.2f} GiB "
@@ -215,9 +218,7 @@ def main() -> None:
             explore_ms = [_timed(c, "/api/flamegraph", {"from": now - 3600, "until": now,
                                                        "service": "svc-1", "type": "cpu"})
                           for _ in range(3)]
-            wide_ms = [_timed(c, "/api/flamegraph", {"from": now - 900, "until": now,
-                                                    "service": "wide", "type": "cpu"})
-                       for _ in range(3)]
+            wide_ms = [_timed(c, "/api/flamegraph", wide_q) for _ in range(3)]
         med = statistics.median
         print(f"API (HTTP, medians): span flame graph {med(span_ms):.0f} ms "
               f"(max {max(span_ms):.0f}, n={len(span_ms)}); "
@@ -238,12 +239,14 @@ def main() -> None:
 
             load(f"/flamegraph?span_id={picks[0][0]}&trace_id={picks[0][1]}")
             pages = [load(f"/flamegraph?span_id={s}&trace_id={t}") for s, t in picks[:8]]
-            wide_pages = [load(f"/explore?service=wide&type=cpu&range=15m") for _ in range(3)]
+            wide_pages = [load("/explore?" + "&".join(f"{k}={v}" for k, v in wide_q.items()))
+                          for _ in range(3)]
+            nodes = page.evaluate("window.flamegraph.drawn.length")
             b.close()
         print(f"Chromium (navigation to drawn, medians): span flame graph page "
               f"{med([a for a, _ in pages]):.0f} ms (draw {med([d for _, d in pages]):.0f} ms); "
               f"{args.wide}-stack explore page {med([a for a, _ in wide_pages]):.0f} ms "
-              f"(draw {med([d for _, d in wide_pages]):.0f} ms)")
+              f"(draw {med([d for _, d in wide_pages]):.0f} ms, {nodes} frames drawn)")
     finally:
         proc.terminate()
         proc.wait()

@@ -152,18 +152,24 @@ def test_otel_samples_carry_their_spans_and_the_span_api_lists_them(world):
     while True:
         spans = httpx.get(f"{agent.url}/api/spans", params={"from": since, "service": "span-test",
                                                              "name": "cpu_span"}).json()
-        if spans and spans[0].get("breakdown"):
+        if spans and spans[0].get("breakdown") and sum(1 for x in spans if x.get("breakdown")) >= 5:
             break
         assert time.time() < deadline, spans[:2]
         time.sleep(1)
-    s = spans[0]
-    assert s["duration_ms"] >= spans[-1]["duration_ms"]  # slowest first
-    b = s["breakdown"]
-    assert b["cpu_ns"] > 0 and b["cause"], b
-    r, prof = agent.profile(type="cpu", span_id=s["span_id"], **{"from": since})
-    assert r.status_code == 200
-    assert "crunch_numbers" in fn_names(prof)
-    assert {v for (_s, l) in prof.samples for k, v in l if k == "span_id"} == {s["span_id"]}
+    assert spans[0]["duration_ms"] >= spans[-1]["duration_ms"]  # slowest first
+    # Typical spans (the slowest can be one that ran before py-spy first saw the process, or
+    # during a py-spy stall at 19 Hz, and carry the stack seen before it).
+    done = [x for x in spans if x.get("breakdown")]
+    mid = done[len(done) // 2 - 2: len(done) // 2 + 3]
+    good = 0
+    for s in mid:
+        b = s["breakdown"]
+        assert b["cpu_ns"] > 0 and b["cause"], b
+        r, prof = agent.profile(type="cpu", span_id=s["span_id"], **{"from": since})
+        assert r.status_code == 200
+        assert {v for (_s, l) in prof.samples for k, v in l if k == "span_id"} == {s["span_id"]}
+        good += "crunch_numbers" in fn_names(prof)
+    assert good >= len(mid) - 1, (good, len(mid))
     path = world["dir"] / "span.pb.gz"
     path.write_bytes(r.content)
     top = go_pprof(path, "-top")

@@ -74,6 +74,15 @@ CREATE TABLE IF NOT EXISTS spans (
     attributes TEXT NOT NULL,
     breakdown TEXT
 );
+CREATE TABLE IF NOT EXISTS series (
+    service TEXT NOT NULL,
+    type TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    labels TEXT NOT NULL,
+    first_ns INTEGER NOT NULL,
+    last_ns INTEGER NOT NULL,
+    PRIMARY KEY (service, type, pid, labels)
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spans_trace ON spans(trace_id);
 CREATE INDEX IF NOT EXISTS spans_time ON spans(start_ns);
 CREATE INDEX IF NOT EXISTS spans_duration ON spans(service, duration_ns);
@@ -142,8 +151,22 @@ class Store:
             else:
                 con.executescript(SCHEMA)
                 con.commit()
+                self._backfill_series(con)
         except sqlite3.Error as exc:
             raise SpanflameError(f"cannot open store {self.db_path}: {exc}") from None
+
+    def _backfill_series(self, con: sqlite3.Connection) -> None:
+        """Stores written before the series table existed: build it once from the profiles."""
+        if con.execute("SELECT 1 FROM series LIMIT 1").fetchone() is not None:
+            return
+        if con.execute("SELECT 1 FROM profiles LIMIT 1").fetchone() is None:
+            return
+        with self._write_lock:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("INSERT OR IGNORE INTO series SELECT service, type, pid, labels, "
+                        "MIN(start_ns), MAX(end_ns) FROM profiles "
+                        "GROUP BY service, type, pid, labels")
+            con.execute("COMMIT")
 
     def _con(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
@@ -190,11 +213,16 @@ class Store:
         with self._write_lock:
             con.execute("BEGIN IMMEDIATE")
             try:
+                lab = json.dumps(labels, sort_keys=True)
                 cur = con.execute(
                     "INSERT INTO profiles(start_ns, end_ns, type, service, pid, labels, source, "
                     "size, total) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (start_ns, end_ns, type_name, service, pid,
-                     json.dumps(labels, sort_keys=True), source, len(data), total))
+                    (start_ns, end_ns, type_name, service, pid, lab, source, len(data), total))
+                con.execute(
+                    "INSERT INTO series VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+                    "first_ns = MIN(first_ns, excluded.first_ns), "
+                    "last_ns = MAX(last_ns, excluded.last_ns)",
+                    (service, type_name, pid, lab, start_ns, end_ns))
                 pid_row = cur.lastrowid
                 con.execute("INSERT INTO blobs(id, data) VALUES (?, ?)", (pid_row, data))
                 con.executemany("INSERT INTO profile_spans(span_id, trace_id, profile_id) "
@@ -295,20 +323,38 @@ class Store:
         return merged
 
     def services(self, start_ns: int = 0, end_ns: int = 1 << 62) -> list[dict]:
-        rows = self._con().execute(
-            "SELECT service, type, COUNT(*), MIN(start_ns), MAX(end_ns), GROUP_CONCAT(DISTINCT pid) "
-            "FROM profiles WHERE start_ns < ? AND end_ns > ? GROUP BY service, type "
-            "ORDER BY service, type", (end_ns, start_ns)).fetchall()
+        """Services with data in the range: their sample types, pids and Kubernetes pods.
+
+        From the series table (one row per series, kept on every write), not a scan of the
+        profiles; stores without it (opened read-only, written by an older agent) are scanned.
+        """
+        con = self._con()
+        try:
+            rows = con.execute(
+                "SELECT service, type, pid, labels, first_ns, last_ns FROM series "
+                "WHERE first_ns < ? AND last_ns > ?", (end_ns, start_ns)).fetchall()
+        except sqlite3.OperationalError:
+            rows = con.execute(
+                "SELECT service, type, pid, labels, MIN(start_ns), MAX(end_ns) FROM profiles "
+                "WHERE start_ns < ? AND end_ns > ? GROUP BY service, type, pid, labels",
+                (end_ns, start_ns)).fetchall()
         out: dict[str, dict] = {}
-        for service, t, n, lo, hi, pids in rows:
-            d = out.setdefault(service, {"service": service, "types": [], "profiles": 0,
-                                         "pids": set(), "from_ns": lo, "until_ns": hi})
-            d["types"].append(t)
-            d["profiles"] += n
-            d["pids"] |= {int(p) for p in (pids or "").split(",") if p and p != "0"}
+        for service, t, pid, labels, lo, hi in rows:
+            d = out.setdefault(service, {"service": service, "types": set(), "pids": set(),
+                                         "pods": set(), "from_ns": lo, "until_ns": hi})
+            d["types"].add(t)
+            if pid:
+                d["pids"].add(int(pid))
+            try:
+                lab = json.loads(labels)
+            except ValueError:
+                lab = {}
+            if lab.get("pod"):
+                d["pods"].add(f"{lab.get('namespace', '')}/{lab['pod']}")
             d["from_ns"] = min(d["from_ns"], lo)
             d["until_ns"] = max(d["until_ns"], hi)
-        return [{**d, "pids": sorted(d["pids"])} for d in out.values()]
+        return [{**d, "types": sorted(d["types"]), "pids": sorted(d["pids"]),
+                 "pods": sorted(d["pods"])} for _k, d in sorted(out.items())]
 
     def types(self, start_ns: int, end_ns: int, *, service: str | None = None,
               pid: int | None = None, span_ids: Sequence[str] | None = None,
@@ -444,6 +490,7 @@ class Store:
                 deleted += len(chunk)
             con.execute("BEGIN IMMEDIATE")
             con.execute("DELETE FROM spans WHERE end_ns < ?", (cutoff,))
+            con.execute("DELETE FROM series WHERE last_ns < ?", (cutoff,))
             con.execute("COMMIT")
         self.deleted += deleted
         if deleted:

@@ -192,9 +192,11 @@
   function explore(root) {
     var p = params();
     var state = {service: p.get('service') || '', pid: p.get('pid') || '', type: p.get('type') || 'cpu',
+                 pod: p.get('pod') ? (p.get('namespace') || '') + '/' + p.get('pod') : '',
                  labels: p.get('labels') || '', range: rangeOf(p)};
     var svc = el('select', {'aria-label': 'Service', class: 'sf-service'});
     var pid = el('select', {'aria-label': 'Process', class: 'sf-pid'});
+    var pod = el('select', {'aria-label': 'Pod', class: 'sf-pod'});
     var type = el('select', {'aria-label': 'Profile type', class: 'sf-type'});
     var labels = el('input', {type: 'text', class: 'sf-labels', placeholder: 'thread_name=worker, span_name=checkout',
                               'aria-label': 'Label filters', value: state.labels});
@@ -209,7 +211,7 @@
     var timeline = el('div', {class: 'sf-timeline'});
     var chart = el('div', {class: 'sf-flame'});
     root.appendChild(el('section', {class: 'sf-toolbar'}, [
-      field('Service', svc), field('Process', pid), field('Type', type), field('Range', range),
+      field('Service', svc), field('Process', pid), field('Pod', pod), field('Type', type), field('Range', range),
       field('Labels', labels), apply, dl]));
     root.appendChild(timeline);
     root.appendChild(status);
@@ -225,6 +227,19 @@
             pid.appendChild(el('option', {value: String(x), text: x + ' (' + s.service + ')', selected: String(x) === state.pid}));
           });
         });
+    }
+    function fillPods() {
+      clear(pod);
+      pod.appendChild(el('option', {value: '', text: 'all pods'}));
+      var n = 0;
+      known.filter(function (s) { return !state.service || s.service === state.service; })
+        .forEach(function (s) {
+          (s.pods || []).forEach(function (x) {
+            n++;
+            pod.appendChild(el('option', {value: x, text: x, selected: x === state.pod}));
+          });
+        });
+      pod.parentNode.hidden = n === 0;  // not on Kubernetes
     }
     function fillTypes() {
       clear(type);
@@ -243,9 +258,10 @@
       list.forEach(function (s) {
         svc.appendChild(el('option', {value: s.service, text: s.service, selected: s.service === state.service}));
       });
-      fillPids(); fillTypes();
+      fillPids(); fillPods(); fillTypes();
     }).catch(function (e) { status.appendChild(errorBox(e.message)); });
-    svc.addEventListener('change', function () { state.service = svc.value; state.pid = ''; fillPids(); fillTypes(); load(); });
+    svc.addEventListener('change', function () { state.service = svc.value; state.pid = ''; state.pod = ''; fillPids(); fillPods(); fillTypes(); load(); });
+    pod.addEventListener('change', function () { state.pod = pod.value; load(); });
     pid.addEventListener('change', function () { state.pid = pid.value; load(); });
     type.addEventListener('change', function () { state.type = type.value; load(); });
     apply.addEventListener('click', function () { state.labels = labels.value; load(); });
@@ -257,9 +273,11 @@
       var parsed = parseLabels(state.labels);
       clear(status);
       if (parsed.bad.length) { status.appendChild(errorBox('Label filters are key=value: ' + parsed.bad.join(', '))); return; }
-      setParams({service: state.service, pid: state.pid, type: state.type, labels: state.labels});
+      var i = state.pod.indexOf('/');
+      var podq = state.pod ? {namespace: state.pod.slice(0, i), pod: state.pod.slice(i + 1)} : {namespace: null, pod: null};
+      setParams(Object.assign({service: state.service, pid: state.pid, type: state.type, labels: state.labels}, podq));
       var q = Object.assign({from: r.from.toFixed(3), until: r.until.toFixed(3), service: state.service,
-                             pid: state.pid, type: state.type}, parsed.labels);
+                             pid: state.pid, type: state.type}, parsed.labels, state.pod ? podq : {});
       clear(dl);
       dl.appendChild(el('a', {href: downloadUrl('/api/flamegraph', Object.assign({format: 'pprof'}, q)), download: 'profile.pb.gz', text: 'pprof'}));
       dl.appendChild(el('a', {href: downloadUrl('/api/flamegraph', Object.assign({format: 'speedscope'}, q)), download: 'profile.speedscope.json', text: 'speedscope'}));

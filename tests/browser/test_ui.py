@@ -326,3 +326,48 @@ def test_serve_is_read_only_and_honours_the_token(browser, shop):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_explore_picks_a_kubernetes_pod(page, tmp_path):
+    """Pods come from the profiles' labels; picking one shows only its samples."""
+    from agent.model import Frame, Profile
+    from agent.store import Store
+
+    store = Store(tmp_path / "store")
+    t0 = int(time.time() - 600) * 10**9
+    for pod, fn in (("shop-a", "pod_a_work"), ("shop-b", "pod_b_work")):
+        p = Profile([("cpu", "nanoseconds")], time_ns=t0, duration_ns=10 * 10**9,
+                    default_sample_type="cpu")
+        p.add((Frame(fn, "shop.py", 3), Frame("main", "shop.py", 1)), (), {"cpu": 10**9})
+        store.add_profile(p, type_name="cpu", service="shop", pid=1,
+                          labels={"service_name": "shop", "namespace": "prod", "pod": pod})
+    store.close()
+    port = free_port()
+    proc = subprocess.Popen([str(SPANFLAME), "serve", "--store", str(tmp_path / "store"),
+                             "--listen", f"127.0.0.1:{port}"], stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 30
+        while True:
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline
+            time.sleep(0.2)
+        open_page(page, f"{url}/explore?service=shop&type=cpu&range=1h")
+        page.wait_for_selector('g.frame[data-name="pod_b_work"]')
+        assert page.locator("select.sf-pod").is_visible()
+        assert page.locator("select.sf-pod option").all_inner_texts() == [
+            "all pods", "prod/shop-a", "prod/shop-b"]
+        page.evaluate("document.body.removeAttribute('data-ready')")
+        page.select_option("select.sf-pod", "prod/shop-a")
+        page.wait_for_selector("body[data-ready='1']")
+        page.wait_for_selector('g.frame[data-name="pod_a_work"]')
+        assert page.locator('g.frame[data-name="pod_b_work"]').count() == 0
+        assert "pod=shop-a" in page.url and "namespace=prod" in page.url
+        assert not page.errors, page.errors
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -122,3 +122,25 @@ def test_read_only_store_needs_an_existing_store_and_never_writes(tmp_path):
         r.add_profile(prof(0, "h", 1), type_name="cpu", service="svc")
     r.close()
     w.close()
+
+
+def test_services_come_from_the_series_table_with_pods_and_old_stores_are_backfilled(tmp_path):
+    w = Store(tmp_path / "s")
+    k8s = {"service_name": "shop", "namespace": "prod", "pod": "shop-7d9"}
+    w.add_profile(prof(0, "f", 1), type_name="cpu", service="shop", pid=7, labels=k8s)
+    w.add_profile(prof(10 * S, "f", 1), type_name="cpu", service="shop", pid=7, labels=k8s)
+    w.add_profile(prof(0, "g", 1, type_name="lock_wait"), type_name="lock_wait", service="shop",
+                  pid=8, labels={"service_name": "shop"})
+    w.add_profile(prof(50 * S, "h", 1), type_name="cpu", service="batch", pid=9)
+    got = {d["service"]: d for d in w.services(0, 20 * S)}
+    assert set(got) == {"shop"}  # batch's only profile starts later
+    assert got["shop"]["types"] == ["cpu", "lock_wait"] and got["shop"]["pids"] == [7, 8]
+    assert got["shop"]["pods"] == ["prod/shop-7d9"]
+    assert got["shop"]["until_ns"] == 20 * S
+    # A store from before the series table: rebuilt from the profiles when opened for writing.
+    con = w._con()
+    con.execute("DELETE FROM series")
+    w.close()
+    again = Store(tmp_path / "s")
+    assert {d["service"] for d in again.services()} == {"shop", "batch"}
+    again.close()

@@ -143,6 +143,7 @@ def generate(path: Path, hours: float, processes: int, wide: int, real_windows: 
     wide_p.time_ns = now - 300 * 10**9
     wide_p.duration_ns = WINDOW_S * 10**9
     store.add_profile(wide_p, type_name="cpu", service="wide", pid=99, labels={})
+    store._backfill_series(con)  # the rows above bypassed add_raw, which keeps the series table
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     store.close()
     return {"profiles": n_profiles + 1, "seconds": time.perf_counter() - t0}

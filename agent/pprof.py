@@ -105,6 +105,10 @@ def decode(data: bytes, *, max_bytes: int = MAX_DECODED_BYTES) -> Profile:
 
     Raises ProfileDecodeError with a one-line reason for anything that is not a valid pprof.
     """
+    return _from_pb(_parse(data, max_bytes))
+
+
+def _parse(data: bytes, max_bytes: int) -> profile_pb2.Profile:
     raw = _gunzip(data, max_bytes) if data[:2] == _GZIP_MAGIC else data
     if len(raw) > max_bytes:
         raise ProfileDecodeError(f"profile is larger than {max_bytes} bytes")
@@ -113,7 +117,65 @@ def decode(data: bytes, *, max_bytes: int = MAX_DECODED_BYTES) -> Profile:
         pb.ParseFromString(raw)
     except (DecodeError, ValueError, RuntimeError) as exc:
         raise ProfileDecodeError(f"not a pprof profile ({exc or 'protobuf decode error'})") from None
-    return _from_pb(pb)
+    return pb
+
+
+def decode_paths(data: bytes, type_name: str, paths, *,
+                 max_bytes: int = MAX_DECODED_BYTES) -> bool:
+    """Add the `type_name` values of a pprof to `paths` (a flamegraph.calltree.Paths) without
+    building a Profile: no labels, no Frame per sample. Returns False when the profile has no
+    such sample type. Raises ProfileDecodeError like `decode`."""
+    pb = _parse(data, max_bytes)
+    strings = list(pb.string_table)
+    if not strings or strings[0] != "":
+        raise ProfileDecodeError("not a pprof profile (string table must start with \"\")")
+    n = len(strings)
+
+    def s(i: int, what: str) -> str:
+        if not 0 <= i < n:
+            raise ProfileDecodeError(f"invalid pprof: {what} refers to string {i} of {n}")
+        return strings[i]
+
+    names = [s(t.type, "sample_type") for t in pb.sample_type]
+    if type_name not in names:
+        return False
+    ti = names.index(type_name)
+    functions = {f.id: (s(f.name, "function name"), s(f.filename, "function filename"))
+                 for f in pb.function}
+    mappings = {m.id: s(m.filename, "mapping filename") for m in pb.mapping}
+    fid = paths.fid
+    locations: dict[int, tuple[int, ...]] = {}
+    for loc in pb.location:
+        ids = []
+        for line in loc.line:  # leaf-most (inlined) first, as in a leaf-first stack
+            fn = functions.get(line.function_id)
+            if fn is None:
+                raise ProfileDecodeError(
+                    f"invalid pprof: location {loc.id} refers to missing function {line.function_id}")
+            ids.append(fid(fn[0], fn[1], max(0, line.line)))
+        if not ids:
+            where = mappings.get(loc.mapping_id, "")
+            name = f"0x{loc.address:x}"
+            ids.append(fid(f"{where}+{name}" if where else name))
+        locations[loc.id] = tuple(ids)
+    get_ids = locations.__getitem__
+    acc = paths.paths
+    for sample in pb.sample:
+        values = sample.value
+        if len(values) != len(names):
+            raise ProfileDecodeError(
+                f"invalid pprof: a sample has {len(values)} values for {len(names)} sample types")
+        v = values[ti]
+        if not v:
+            continue
+        try:
+            leaf_first = tuple(chain.from_iterable(map(get_ids, sample.location_id)))
+        except KeyError as exc:
+            raise ProfileDecodeError(
+                f"invalid pprof: sample refers to missing location {exc.args[0]}") from None
+        path = leaf_first[::-1]
+        acc[path] = acc.get(path, 0) + v
+    return True
 
 
 def _gunzip(data: bytes, max_bytes: int) -> bytes:

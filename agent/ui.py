@@ -26,10 +26,11 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from agent import pprof
+from agent.errors import SpanflameError
 from agent.model import SAMPLE_TYPES, Profile
 from agent.server import RESERVED, BadRequest, _empty, _hex, _int, time_range
 from agent.store import INDEX_LABELS
-from flamegraph.html import flamegraph_data
+from flamegraph.html import flamegraph_data, flamegraph_data_paths
 from flamegraph.speedscope import render_speedscope
 
 #: Assets the UI may load; nothing else under /static is served.
@@ -173,24 +174,53 @@ class View:
             got = ["cpu"]
         return got[:MAX_TYPES]
 
+    def _found(self, type_name: str, span_ids: set[str] | None) -> tuple[list, float]:
+        """The stored profiles of the view (at most MAX_MERGED_PROFILES, spread evenly, for
+        views that are not about spans) and the factor that scales a subset back up."""
+        found = self.agent.store.find(
+            start_ns=self.start, end_ns=self.end, type_name=type_name, service=self.service,
+            pid=self.pid, labels=self.series or None,
+            span_ids=sorted(span_ids) if span_ids else None,
+            trace_id=self.trace_id if span_ids is None else None)
+        if not span_ids and not self.trace_id and len(found) > MAX_MERGED_PROFILES:
+            n = len(found)
+            step = n / MAX_MERGED_PROFILES
+            found = [found[int(i * step)] for i in range(MAX_MERGED_PROFILES)]
+            self.sampled = (len(found), n)
+            return found, n / len(found)
+        return found, 1.0
+
+    def fast(self) -> bool:
+        """Whether the view needs no sample labels: one sample type, no span, no label filter
+        on samples. Such views skip building Profiles (agent.pprof.decode_paths)."""
+        return (self.span_ids is None and not self.trace_id and not self.sample
+                and bool(self.type) and self.type != "all")
+
+    def paths(self):
+        """The view's Paths for its one sample type (see `fast`)."""
+        from flamegraph.calltree import Paths
+        found, scale = self._found(self.type, None)
+        paths = Paths()
+        for sp in found:
+            data = self.agent.store.blob(sp.id)
+            if data is None:
+                continue
+            try:
+                pprof.decode_paths(data, self.type, paths)
+            except SpanflameError:  # an unreadable stored blob: skipped, as Store.merged does
+                continue
+        if scale != 1.0:
+            paths.scale(scale)
+        return paths
+
     def _load(self, type_name: str, span_ids: set[str] | None) -> Profile | None:
         store = self.agent.store
-        found = store.find(start_ns=self.start, end_ns=self.end, type_name=type_name,
-                           service=self.service, pid=self.pid, labels=self.series or None,
-                           span_ids=sorted(span_ids) if span_ids else None,
-                           trace_id=self.trace_id if span_ids is None else None)
+        found, scale = self._found(type_name, span_ids)
         sample: dict = dict(self.sample)
         if span_ids:
             sample["span_id"] = set(span_ids)
         elif self.trace_id:
             sample["trace_id"] = self.trace_id
-        scale = 1.0
-        if not span_ids and not self.trace_id and len(found) > MAX_MERGED_PROFILES:
-            n = len(found)
-            step = n / MAX_MERGED_PROFILES
-            found = [found[int(i * step)] for i in range(MAX_MERGED_PROFILES)]
-            scale = n / len(found)
-            self.sampled = (len(found), n)
         prof = store.merged(found, sample_labels=sample or None, type_name=type_name)
         if prof is not None and scale != 1.0:
             for vec in prof.samples.values():
@@ -281,6 +311,13 @@ def flamegraph_document(agent, q) -> tuple[str, object, dict]:
         raise BadRequest("format must be json, pprof or speedscope")
     t0 = time.perf_counter()
     view = View(agent, q)
+    if fmt == "json" and not view.compare and view.fast():
+        st = SAMPLE_TYPES.get(view.type)
+        title, subtitle = view.title()
+        data = flamegraph_data_paths([(view.type, st.unit if st else "count", view.paths())],
+                                     default_type=view.type, title=title, subtitle=subtitle,
+                                     min_fraction=view.min_fraction)
+        return fmt, _finish(data, view, 0, t0), {"server-timing": f"build;dur={data['elapsed_ms']}"}
     prof = view.profile()
     if fmt == "pprof":
         return fmt, pprof.encode(prof), {}
@@ -292,6 +329,11 @@ def flamegraph_document(agent, q) -> tuple[str, object, dict]:
     data = flamegraph_data(prof, types=types, default_type=prof.default_sample_type, title=title,
                            subtitle=subtitle, min_fraction=view.min_fraction, baseline=base,
                            baseline_scale=1.0 / n if n else 1.0)
+    data = _finish(data, view, n, t0)
+    return fmt, data, {"server-timing": f"build;dur={data['elapsed_ms']}"}
+
+
+def _finish(data: dict, view: View, n: int, t0: float) -> dict:
     if view.sampled is not None:
         used, total = view.sampled
         data["subtitle"] = ((data["subtitle"] + " · ") if data["subtitle"] else "") + (
@@ -305,7 +347,7 @@ def flamegraph_document(agent, q) -> tuple[str, object, dict]:
     data["from"] = view.start / 1e9
     data["until"] = view.end / 1e9
     data["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-    return fmt, data, {"server-timing": f"build;dur={data['elapsed_ms']}"}
+    return data
 
 
 def _span_brief(r: dict) -> dict:

@@ -13,7 +13,7 @@ from importlib import resources
 from typing import Sequence
 
 from agent.model import Profile
-from flamegraph.calltree import Node, profile_tree, top_functions
+from flamegraph.calltree import Node, Paths, profile_tree, top_functions
 
 #: Subtrees smaller than this share of the total are folded into their parent.
 DEFAULT_MIN_FRACTION = 1e-4
@@ -101,6 +101,27 @@ def flamegraph_data(profile: Profile, *, types: Sequence[str] | None = None,
         default = out_types[0]["name"]
     return {"title": title[:500], "subtitle": subtitle[:1000], "default": default,
             "strings": st.table, "types": out_types, "diff": baseline is not None}
+
+
+def flamegraph_data_paths(types: Sequence[tuple[str, str, Paths]], *, default_type: str = "",
+                          title: str = "", subtitle: str = "",
+                          min_fraction: float = DEFAULT_MIN_FRACTION, top: int = 30) -> dict:
+    """`flamegraph_data` for (name, unit, Paths) triples: the fast path for views that need no
+    labels (see agent.pprof.decode_paths). Same document shape, without diffs."""
+    st = _Strings()
+    out_types = []
+    for name, unit, paths in types:
+        tree = paths.tree(min_fraction=min_fraction)
+        fstats = [f for f in paths.top(top) if f.self_value]
+        out_types.append({
+            "name": name, "unit": unit, "total": tree.total, "baseline_total": None,
+            "tree": _compact(tree, st),
+            "top": [[st(f.name), st(f.filename), f.line, f.self_value, f.total] for f in fstats],
+        })
+    default = default_type if any(t["name"] == default_type for t in out_types) else (
+        out_types[0]["name"] if out_types else default_type)
+    return {"title": title[:500], "subtitle": subtitle[:1000], "default": default,
+            "strings": st.table, "types": out_types, "diff": False}
 
 
 def _scale(node: Node, k: float) -> None:

@@ -144,3 +144,46 @@ def test_services_come_from_the_series_table_with_pods_and_old_stores_are_backfi
     again = Store(tmp_path / "s")
     assert {d["service"] for d in again.services()} == {"shop", "batch"}
     again.close()
+
+
+def test_views_without_sample_labels_take_the_fast_path_with_the_same_result(agent):
+    for i in range(5):
+        p = Profile([("samples", "count"), ("cpu", "nanoseconds")], time_ns=i * 10 * S,
+                    duration_ns=10 * S, default_sample_type="cpu")
+        for thread, fn, ns in (("a", "work_a", 3 * S), ("b", "work_b", S)):
+            p.add((Frame(fn, "app.py", 2 + i), MAIN), (("thread_name", thread),),
+                  {"samples": 1, "cpu": ns})
+        agent.store.add_profile(p, type_name="cpu", service="svc", pid=1)
+    q = {"from": "0", "until": "50", "service": "svc", "type": "cpu"}
+    view = View(agent, q)
+    assert view.fast()
+    _f, fast, _h = flamegraph_document(agent, q)
+    slow = flamegraph_data(view.profile(), types=["cpu"], default_type="cpu")
+    assert fast["types"][0]["total"] == slow["types"][0]["total"] == 20 * S
+
+    def named(doc):
+        S_ = doc["strings"]
+        def walk(a):
+            return (S_[a[0]], S_[a[1]], a[2], a[3], a[4], sorted(walk(c) for c in a[6]))
+        return walk(doc["types"][0]["tree"]), [(S_[r[0]], r[3], r[4]) for r in doc["types"][0]["top"]]
+    assert named(fast) == named(slow)
+    # A filter on sample labels needs the labels: the full path, and only thread a's samples.
+    q2 = dict(q, thread_name="a")
+    assert not View(agent, q2).fast()
+    _f, filtered, _h = flamegraph_document(agent, q2)
+    assert filtered["types"][0]["total"] == 15 * S
+
+
+def test_decode_paths_rejects_bad_input_like_decode():
+    from agent import pprof
+    from agent.errors import ProfileDecodeError
+    from flamegraph.calltree import Paths
+
+    with pytest.raises(ProfileDecodeError):
+        pprof.decode_paths(b"\x1f\x8bnot gzip at all", "cpu", Paths())
+    data = pprof.encode(prof(0, "f", 5))
+    assert pprof.decode_paths(data, "lock_wait", Paths()) is False
+    paths = Paths()
+    assert pprof.decode_paths(data, "cpu", paths) is True
+    assert sum(paths.paths.values()) == 5
+    assert [paths.info[i].name for i in next(iter(paths.paths))] == ["main", "f"]

@@ -156,6 +156,7 @@ def test_deep_link_opens_the_span_flame_graph(page, shop):
 def test_search_highlights_matching_frames(page, shop):
     open_page(page, f"{shop['url']}/explore?service=shop&type=cpu&range=15m")
     page.wait_for_selector('g.frame[data-name="compute_prices"]')
+    assert not page.locator("select.sf-pod").is_visible()  # not on Kubernetes: no pod menu
     page.fill("input.fg-search", "compute_pr")
     matched = page.locator("g.frame.match")
     assert matched.count() >= 1

@@ -269,10 +269,13 @@ class View:
         hour), merged, and how many."""
         if self.span is None:
             return None, 0
+        # Only spans with a breakdown: their window was linked, so their samples are stored
+        # (a span without one would count as zero and drag the average down).
         others = [r for r in self.agent.store.spans_near(
             self.span["name"], self.span["service"], self.span["start_ns"],
-            self.start - 3600 * 10**9, self.end + 3600 * 10**9, limit=MAX_BASELINE_SPANS + 1)
-            if r["span_id"] != self.span_id][:MAX_BASELINE_SPANS]
+            self.start - 3600 * 10**9, self.end + 3600 * 10**9,
+            limit=4 * MAX_BASELINE_SPANS)
+            if r["span_id"] != self.span_id and r.get("breakdown")][:MAX_BASELINE_SPANS]
         if not others:
             return None, 0
         ids: set[str] = set()

@@ -101,16 +101,24 @@ class StackIndex:
         slices = self.tl.slices
         i = bisect.bisect_right(self.starts, start)
         floor = span[0] if span is not None else None
-        best: dict[Stack, int] = {}
-        j = max(0, i - 1)
-        while j < len(slices) and slices[j].start_ns <= end:
-            sl = slices[j]
-            ov = min(end, sl.end_ns) - max(start, sl.start_ns)
-            if ov > 0 and sl.stack and (floor is None or sl.start_ns >= floor):
-                best[sl.stack] = best.get(sl.stack, 0) + ov
-            j += 1
-        if best:
-            return max(best.items(), key=lambda kv: kv[1])[0]
+        if i >= len(slices) or slices[i].start_ns > end:
+            # No change seen during the wait (the common case): only the slice covering its
+            # start can count.
+            if i > 0:
+                sl = slices[i - 1]
+                if sl.stack and sl.end_ns > start and (floor is None or sl.start_ns >= floor):
+                    return sl.stack
+        else:
+            best: dict[Stack, int] = {}
+            j = max(0, i - 1)
+            while j < len(slices) and slices[j].start_ns <= end:
+                sl = slices[j]
+                ov = min(end, sl.end_ns) - max(start, sl.start_ns)
+                if ov > 0 and sl.stack and (floor is None or sl.start_ns >= floor):
+                    best[sl.stack] = best.get(sl.stack, 0) + ov
+                j += 1
+            if best:
+                return max(best.items(), key=lambda kv: kv[1])[0]
         if floor is not None and span is not None:
             k = bisect.bisect_left(self.starts, end)
             while k < len(slices) and slices[k].start_ns <= span[1]:

@@ -52,7 +52,9 @@ def shop(tmp_path_factory):
             done = all(len([s for s in spans(agent.url, name=n) if s["breakdown"]]) >= 5
                        for n in (*EXPECTED, HOSTILE_SPAN))
             if done and app.poll() is not None:
-                break
+                health = httpx.get(f"{agent.url}/healthz", timeout=10).json()
+                if health["pending_windows"] == 0:  # every window linked and stored
+                    break
             assert time.time() < deadline, "spans did not arrive: " + (d / "store").as_posix()
             time.sleep(2)
         yield {"url": agent.url, "agent": agent, "dir": d}

@@ -117,3 +117,19 @@ def test_add_probe_samples_attributes_and_clips():
     reasons = {dict(l)["reason"] for s, l, v in prof.iter_type("off_cpu")}
     assert reasons == {"io", "net"}
     assert s.io_bytes == 4096 and s.gil_ns == 10 * MS
+
+
+def test_a_waits_stack_is_what_py_spy_saw_for_most_of_it_and_never_from_before_its_span():
+    before, waiting, after = ((Frame("prepare"),), (Frame("wait_on_lock"),), (Frame("next"),))
+    tl = ThreadTimeline(1, 2, "t", [Slice(0, 110, before), Slice(110, 300, waiting),
+                                    Slice(300, 400, after)])
+    idx = StackIndex(tl)
+    # py-spy stamped the change late: the wait (100, 290] shows `prepare` for 10 ns only.
+    assert idx.during(100, 290) == waiting
+    # No change seen during the wait: the stack covering its start.
+    assert idx.during(120, 280) == waiting
+    # That stack was seen before the wait's span began (the span starts at 250): stale. The
+    # first stack py-spy saw after the wait, inside the span, is used instead.
+    assert idx.during(260, 280, span=(250, 350)) == after
+    # Nothing seen inside the span at all: the stack at the start, as before.
+    assert idx.during(260, 280, span=(250, 290)) == waiting

@@ -72,7 +72,10 @@ def test_compare_averages_the_other_spans_of_the_same_name(agent):
         t0 = (100 + 20 * i) * S
         agent.store.add_profile(prof(t0, "work", ns, (sid, tid)), type_name="cpu", service="svc",
                                 pid=1, spans=[(sid, tid)])
-        agent.store.add_spans([span_row(sid, tid, "", "op", t0, t0 + 9 * S)])
+        agent.store.add_spans([{**span_row(sid, tid, "", "op", t0, t0 + 9 * S),
+                                "breakdown": {"cpu_ns": ns, "cause": "on CPU"}}])
+    # A span whose window was not linked yet (no breakdown, no samples): not in the average.
+    agent.store.add_spans([span_row(f"{9:016x}", tid, "", "op", 110 * S, 119 * S)])
     fmt, data, _ = flamegraph_document(agent, {"span_id": f"{1:016x}", "compare": "1"})
     assert data["diff"] and data["baseline_spans"] == 2
     cpu = next(t for t in data["types"] if t["name"] == "cpu")

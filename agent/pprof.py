@@ -9,8 +9,8 @@ locations (one line each), one mapping, labels and a string table whose entry 0 
 from __future__ import annotations
 
 import gzip
-from itertools import chain
 import zlib
+from itertools import chain
 
 from google.protobuf.message import DecodeError
 
@@ -126,55 +126,17 @@ def decode_paths(data: bytes, type_name: str, paths, *,
     building a Profile: no labels, no Frame per sample. Returns False when the profile has no
     such sample type. Raises ProfileDecodeError like `decode`."""
     pb = _parse(data, max_bytes)
-    strings = list(pb.string_table)
-    if not strings or strings[0] != "":
-        raise ProfileDecodeError("not a pprof profile (string table must start with \"\")")
-    n = len(strings)
-
-    def s(i: int, what: str) -> str:
-        if not 0 <= i < n:
-            raise ProfileDecodeError(f"invalid pprof: {what} refers to string {i} of {n}")
-        return strings[i]
-
+    s = _string_reader(pb)
     names = [s(t.type, "sample_type") for t in pb.sample_type]
     if type_name not in names:
         return False
     ti = names.index(type_name)
-    functions = {f.id: (s(f.name, "function name"), s(f.filename, "function filename"))
-                 for f in pb.function}
-    mappings = {m.id: s(m.filename, "mapping filename") for m in pb.mapping}
-    fid = paths.fid
-    locations: dict[int, tuple[int, ...]] = {}
-    for loc in pb.location:
-        ids = []
-        for line in loc.line:  # leaf-most (inlined) first, as in a leaf-first stack
-            fn = functions.get(line.function_id)
-            if fn is None:
-                raise ProfileDecodeError(
-                    f"invalid pprof: location {loc.id} refers to missing function {line.function_id}")
-            ids.append(fid(fn[0], fn[1], max(0, line.line)))
-        if not ids:
-            where = mappings.get(loc.mapping_id, "")
-            name = f"0x{loc.address:x}"
-            ids.append(fid(f"{where}+{name}" if where else name))
-        locations[loc.id] = tuple(ids)
-    get_ids = locations.__getitem__
     acc = paths.paths
-    for sample in pb.sample:
-        values = sample.value
-        if len(values) != len(names):
-            raise ProfileDecodeError(
-                f"invalid pprof: a sample has {len(values)} values for {len(names)} sample types")
+    for stack, values, _sample in _stacks(pb, s, paths.fid, len(names)):
         v = values[ti]
-        if not v:
-            continue
-        try:
-            leaf_first = tuple(chain.from_iterable(map(get_ids, sample.location_id)))
-        except KeyError as exc:
-            raise ProfileDecodeError(
-                f"invalid pprof: sample refers to missing location {exc.args[0]}") from None
-        path = leaf_first[::-1]
-        acc[path] = acc.get(path, 0) + v
+        if v:
+            path = stack[::-1]
+            acc[path] = acc.get(path, 0) + v
     return True
 
 
@@ -191,7 +153,8 @@ def _gunzip(data: bytes, max_bytes: int) -> bytes:
     return out
 
 
-def _from_pb(pb: profile_pb2.Profile) -> Profile:
+def _string_reader(pb: profile_pb2.Profile):
+    """s(index, what) -> the string, or a ProfileDecodeError naming what referred to it."""
     strings = list(pb.string_table)
     if not strings or strings[0] != "":
         raise ProfileDecodeError("not a pprof profile (string table must start with \"\")")
@@ -201,7 +164,46 @@ def _from_pb(pb: profile_pb2.Profile) -> Profile:
         if not 0 <= i < n:
             raise ProfileDecodeError(f"invalid pprof: {what} refers to string {i} of {n}")
         return strings[i]
+    return s
 
+
+def _stacks(pb: profile_pb2.Profile, s, frame, ntypes: int):
+    """(leaf-first stack, values, sample) per sample; a stack holds what `frame(name, filename,
+    line)` makes of each line of its locations (Frames, or function ids for Paths). Every
+    reference is checked."""
+    functions = {f.id: (s(f.name, "function name"), s(f.filename, "function filename"))
+                 for f in pb.function}
+    mappings = {m.id: s(m.filename, "mapping filename") for m in pb.mapping}
+    locations: dict[int, tuple] = {}
+    for loc in pb.location:
+        items = []
+        for line in loc.line:  # leaf-most (inlined) first, as in a leaf-first stack
+            fn = functions.get(line.function_id)
+            if fn is None:
+                raise ProfileDecodeError(
+                    f"invalid pprof: location {loc.id} refers to missing function {line.function_id}")
+            items.append(frame(fn[0], fn[1], max(0, line.line)))
+        if not items:
+            where = mappings.get(loc.mapping_id, "")
+            name = f"0x{loc.address:x}"
+            items.append(frame(f"{where}+{name}" if where else name, "", 0))
+        locations[loc.id] = tuple(items)
+    get = locations.__getitem__
+    for sample in pb.sample:
+        values = list(sample.value)
+        if len(values) != ntypes:
+            raise ProfileDecodeError(
+                f"invalid pprof: a sample has {len(values)} values for {ntypes} sample types")
+        try:
+            stack = tuple(chain.from_iterable(map(get, sample.location_id)))
+        except KeyError as exc:
+            raise ProfileDecodeError(
+                f"invalid pprof: sample refers to missing location {exc.args[0]}") from None
+        yield stack, values, sample
+
+
+def _from_pb(pb: profile_pb2.Profile) -> Profile:
+    s = _string_reader(pb)
     if not pb.sample_type:
         raise ProfileDecodeError("not a pprof profile (no sample types)")
     types = [SampleType(s(t.type, "sample_type"), s(t.unit, "sample_type unit"))
@@ -213,40 +215,9 @@ def _from_pb(pb: profile_pb2.Profile) -> Profile:
     prof = Profile(types, period_type=period_type, period=pb.period, time_ns=pb.time_nanos,
                    duration_ns=pb.duration_nanos,
                    comments=[s(c, "comment") for c in pb.comment], default_sample_type=default)
-
-    functions: dict[int, tuple[str, str]] = {}
-    for f in pb.function:
-        functions[f.id] = (s(f.name, "function name"), s(f.filename, "function filename"))
-    mappings = {m.id: s(m.filename, "mapping filename") for m in pb.mapping}
-    locations: dict[int, tuple[Frame, ...]] = {}
-    for loc in pb.location:
-        frames = []
-        for line in loc.line:
-            fn = functions.get(line.function_id)
-            if fn is None:
-                raise ProfileDecodeError(
-                    f"invalid pprof: location {loc.id} refers to missing function {line.function_id}")
-            frames.append(Frame(fn[0], fn[1], max(0, line.line)))
-        if not frames:
-            where = mappings.get(loc.mapping_id, "")
-            name = f"0x{loc.address:x}"
-            frames.append(Frame(f"{where}+{name}" if where else name))
-        locations[loc.id] = tuple(frames)
-
-    ntypes = len(types)
     samples = prof.samples
-    get_frames = locations.__getitem__
     label_cache: dict[tuple, tuple] = {}
-    for sample in pb.sample:
-        values = list(sample.value)
-        if len(values) != ntypes:
-            raise ProfileDecodeError(
-                f"invalid pprof: a sample has {len(values)} values for {ntypes} sample types")
-        try:
-            stack = tuple(chain.from_iterable(map(get_frames, sample.location_id)))
-        except KeyError as exc:
-            raise ProfileDecodeError(
-                f"invalid pprof: sample refers to missing location {exc.args[0]}") from None
+    for stack, values, sample in _stacks(pb, s, Frame, len(types)):
         raw = tuple((lab.key, lab.str, lab.num) for lab in sample.label)
         labels = label_cache.get(raw)
         if labels is None:

@@ -104,6 +104,8 @@ def _empty(type_name: str, start: int, end: int) -> Profile:
 
 def build_apps(agent) -> tuple[Starlette, Starlette]:
     """(main app on --listen, OTLP app on --otlp-listen)."""
+    from agent.ui import trace_rows, ui_routes  # agent.ui builds on this module
+
     m = agent.metrics
 
     read_only = bool(getattr(agent, "read_only", False))
@@ -156,7 +158,6 @@ def build_apps(agent) -> tuple[Starlette, Starlette]:
         tid = request.path_params["trace_id"].lower()
         if len(tid) != 32 or any(c not in "0123456789abcdef" for c in tid):
             return PlainTextResponse("trace_id must be 32 hex digits\n", status_code=400)
-        from agent.ui import trace_rows
         rows = await run_in_threadpool(trace_rows, agent, tid)  # stored and not stored yet
         return JSONResponse([_span_json(r) for r in rows])
 
@@ -175,7 +176,6 @@ def build_apps(agent) -> tuple[Starlette, Starlette]:
         Route("/api/trace/{trace_id}", api_trace),
         Route("/api/services", api_services),
     ]
-    from agent.ui import ui_routes
     routes += ui_routes(agent)
     middleware = []
     if agent.opts.auth_token:
@@ -204,13 +204,18 @@ def _span_json(r: dict) -> dict:
     return out
 
 
+#: Paths served without the bearer token: the shell and its assets carry no data.
+def public_path(path: str) -> bool:
+    return (path in ("/", "/explore", "/spans", "/flamegraph", "/healthz")
+            or path.startswith("/static/") or path.startswith("/trace/"))
+
+
 class TokenAuth(BaseHTTPMiddleware):
     def __init__(self, app, token: str) -> None:
         super().__init__(app)
         self.token = token.encode()
 
     async def dispatch(self, request: Request, call_next):
-        from agent.ui import public_path
         if public_path(request.url.path):
             return await call_next(request)
         auth = request.headers.get("authorization", "")

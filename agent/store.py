@@ -422,11 +422,6 @@ class Store:
         args.append(limit)
         return self._spans("WHERE " + " AND ".join(where) + f" ORDER BY {order} LIMIT ?", args)
 
-    def spans_named(self, name: str, service: str, start_ns: int, end_ns: int,
-                    limit: int = 200) -> list[dict]:
-        return self._spans("WHERE name = ? AND service = ? AND start_ns < ? AND end_ns > ? "
-                           "ORDER BY start_ns DESC LIMIT ?", (name, service, end_ns, start_ns, limit))
-
     def spans_near(self, name: str, service: str, t_ns: int, start_ns: int, end_ns: int,
                    limit: int = 20) -> list[dict]:
         """Spans of this name and service in the range, nearest to t_ns first."""

@@ -28,7 +28,7 @@ from starlette.routing import Route
 from agent import pprof
 from agent.errors import SpanflameError
 from agent.model import SAMPLE_TYPES, Profile
-from agent.server import RESERVED, BadRequest, _empty, _hex, _int, time_range
+from agent.server import RESERVED, BadRequest, _empty, _hex, _int, _span_json, time_range
 from agent.store import INDEX_LABELS
 from flamegraph.html import flamegraph_data, flamegraph_data_paths
 from flamegraph.speedscope import render_speedscope
@@ -38,8 +38,6 @@ STATIC = {"app.js": "text/javascript", "app.css": "text/css",
           "flamegraph.js": "text/javascript", "flamegraph.css": "text/css"}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'self'")
-UI_PARAMS = RESERVED | {"descendants", "compare", "name", "min_duration_ms", "buckets",
-                        "min_fraction"}
 #: How far around a span its flame graph looks for profiles (windows hold whole spans' parts).
 SPAN_MARGIN_NS = 60 * 1_000_000_000
 #: Spans of the same name the comparison averages over.
@@ -136,7 +134,7 @@ class View:
             raise BadRequest("min_fraction must be a number") from None
         if not 0 <= self.min_fraction < 1:
             raise BadRequest("min_fraction must be in [0, 1)")
-        extra = {k: v for k, v in q.items() if k not in UI_PARAMS}
+        extra = {k: v for k, v in q.items() if k not in RESERVED}
         if len(extra) > 32 or any(len(k) > 128 or len(v) > 1024 for k, v in extra.items()):
             raise BadRequest("too many or too long label filters")
         self.series = {k: v for k, v in extra.items() if k in INDEX_LABELS and k != "pid"}
@@ -174,15 +172,18 @@ class View:
             got = ["cpu"]
         return got[:MAX_TYPES]
 
-    def _found(self, type_name: str, span_ids: set[str] | None) -> tuple[list, float]:
+    def _found(self, type_name: str, span_ids: set[str] | None,
+               window: tuple[int, int] | None = None) -> tuple[list, float]:
         """The stored profiles of the view (at most MAX_MERGED_PROFILES, spread evenly, for
-        views that are not about spans) and the factor that scales a subset back up."""
+        views that are not about spans) and the factor that scales a subset back up. `window`
+        replaces the view's range (and its trace) for other spans than the view's own."""
+        start, end = window or (self.start, self.end)
+        trace_id = None if window or span_ids else self.trace_id
         found = self.agent.store.find(
-            start_ns=self.start, end_ns=self.end, type_name=type_name, service=self.service,
+            start_ns=start, end_ns=end, type_name=type_name, service=self.service,
             pid=self.pid, labels=self.series or None,
-            span_ids=sorted(span_ids) if span_ids else None,
-            trace_id=self.trace_id if span_ids is None else None)
-        if not span_ids and not self.trace_id and len(found) > MAX_MERGED_PROFILES:
+            span_ids=sorted(span_ids) if span_ids else None, trace_id=trace_id)
+        if not span_ids and not trace_id and len(found) > MAX_MERGED_PROFILES:
             n = len(found)
             step = n / MAX_MERGED_PROFILES
             found = [found[int(i * step)] for i in range(MAX_MERGED_PROFILES)]
@@ -213,13 +214,14 @@ class View:
             paths.scale(scale)
         return paths
 
-    def _load(self, type_name: str, span_ids: set[str] | None) -> Profile | None:
+    def _load(self, type_name: str, span_ids: set[str] | None,
+              window: tuple[int, int] | None = None) -> Profile | None:
         store = self.agent.store
-        found, scale = self._found(type_name, span_ids)
+        found, scale = self._found(type_name, span_ids, window)
         sample: dict = dict(self.sample)
         if span_ids:
             sample["span_id"] = set(span_ids)
-        elif self.trace_id:
+        elif self.trace_id and window is None:
             sample["trace_id"] = self.trace_id
         prof = store.merged(found, sample_labels=sample or None, type_name=type_name)
         if prof is not None and scale != 1.0:
@@ -228,12 +230,13 @@ class View:
                     vec[i] = round(v * scale)
         return prof
 
-    def profile(self, span_ids: set[str] | None = None, types: list[str] | None = None) -> Profile:
+    def profile(self, span_ids: set[str] | None = None,
+                window: tuple[int, int] | None = None) -> Profile:
         span_ids = self.span_ids if span_ids is None else span_ids
-        types = types or self.types()
+        types = self.types()
         merged: Profile | None = None
         for t in types:
-            p = self._load(t, span_ids)
+            p = self._load(t, span_ids, window)
             if p is None:
                 continue
             if merged is None:
@@ -286,13 +289,7 @@ class View:
                 ids.add(r["span_id"])
         lo = min(r["start_ns"] for r in others) - SPAN_MARGIN_NS
         hi = max(r["end_ns"] for r in others) + SPAN_MARGIN_NS
-        saved = self.start, self.end, self.trace_id
-        self.start, self.end, self.trace_id = lo, hi, None
-        try:
-            prof = self.profile(span_ids=ids)
-        finally:
-            self.start, self.end, self.trace_id = saved
-        return prof, len(others)
+        return self.profile(span_ids=ids, window=(lo, hi)), len(others)
 
     def title(self) -> tuple[str, str]:
         if self.span is not None:
@@ -346,16 +343,11 @@ def _finish(data: dict, view: View, n: int, t0: float) -> dict:
     data["baseline_spans"] = n
     if n:
         data["baseline_label"] = f"Average of {n} others"
-    data["span"] = _span_brief(view.span) if view.span is not None else None
+    data["span"] = _span_json(view.span) if view.span is not None else None
     data["from"] = view.start / 1e9
     data["until"] = view.end / 1e9
     data["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 1)
     return data
-
-
-def _span_brief(r: dict) -> dict:
-    from agent.server import _span_json
-    return _span_json(r)
 
 
 def ui_routes(agent) -> list[Route]:
@@ -425,7 +417,6 @@ def ui_routes(agent) -> list[Route]:
         if row is None:
             return PlainTextResponse(f"span {sid} is not in the store\n", status_code=404)
         rows = await run_in_threadpool(trace_rows, agent, row["trace_id"])
-        from agent.server import _span_json
         out = _span_json(row)
         out["children"] = [_span_json(r) for r in rows if r["parent_span_id"] == sid]
         return JSONResponse(out)
@@ -443,12 +434,6 @@ def ui_routes(agent) -> list[Route]:
         Route("/api/span/{span_id}", api_span),
         Route("/api/info", api_info),
     ]
-
-
-#: Paths served without the bearer token: the shell and its assets carry no data.
-def public_path(path: str) -> bool:
-    return (path in ("/", "/explore", "/spans", "/flamegraph", "/healthz")
-            or path.startswith("/static/") or path.startswith("/trace/"))
 
 
 class ReadOnlyAgent:

@@ -19,7 +19,6 @@ Medians of --runs, in milliseconds.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import subprocess
@@ -117,21 +116,12 @@ def generate(path: Path, hours: float, processes: int, wide: int, real_windows: 
                                   "breakdown": bd})
                 if w in real:
                     real_spans.append((sid, tid))
-        # One transaction per window (Store.add_raw commits each profile: durable, slower).
-        con.execute("BEGIN")
         for data, t, pid, spans, ws in prof_rows:
             svc = f"svc-{(pid - 1000) % 3}"
-            cur = con.execute(
-                "INSERT INTO profiles(start_ns, end_ns, type, service, pid, labels, source, size, "
-                "total) VALUES (?,?,?,?,?,?,?,?,?)",
-                (ws, ws + WINDOW_S * 10**9, t, svc, pid,
-                 json.dumps({"pid": str(pid), "service_name": svc}, sort_keys=True), "agent",
-                 len(data), 2_000_000_000))
-            con.execute("INSERT INTO blobs(id, data) VALUES (?, ?)", (cur.lastrowid, data))
-            con.executemany("INSERT INTO profile_spans(span_id, trace_id, profile_id) "
-                            "VALUES (?,?,?)", [(a, b, cur.lastrowid) for a, b in spans])
+            store.add_raw(data, start_ns=ws, end_ns=ws + WINDOW_S * 10**9, type_name=t,
+                          service=svc, pid=pid, labels={"service_name": svc, "pid": str(pid)},
+                          source="agent", spans=spans, total=2_000_000_000)
             n_profiles += 1
-        con.execute("COMMIT")
         store.add_spans(span_rows)
         if real_spans:
             (path / "real-spans.txt").open("a").write(
@@ -143,7 +133,6 @@ def generate(path: Path, hours: float, processes: int, wide: int, real_windows: 
     wide_p.time_ns = now - 300 * 10**9
     wide_p.duration_ns = WINDOW_S * 10**9
     store.add_profile(wide_p, type_name="cpu", service="wide", pid=99, labels={})
-    store._backfill_series(con)  # the rows above bypassed add_raw, which keeps the series table
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     store.close()
     return {"profiles": n_profiles + 1, "seconds": time.perf_counter() - t0}

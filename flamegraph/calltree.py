@@ -119,19 +119,28 @@ class Paths:
         return root
 
     def top(self, limit: int = 20) -> list["FunctionStat"]:
-        """Functions by self value (then name), as `top_functions`, from the paths."""
+        """Functions by self value (then name); `total` counts each function once per stack
+        (recursion-safe). Functions that are never a leaf fill the list only when fewer than
+        `limit` functions have self time. Totals are summed for the chosen functions only."""
         self_v: dict[int, int] = {}
         for p, v in self.paths.items():
             if p and v:
                 self_v[p[-1]] = self_v.get(p[-1], 0) + v
         info = self.info
         order = sorted(self_v, key=lambda i: (-self_v[i], info[i][0], info[i][1]))[:limit]
+        if len(order) < limit:  # callers with no self time, by total
+            rest: dict[int, int] = {}
+            for p, v in self.paths.items():
+                for i in set(p).difference(self_v):
+                    rest[i] = rest.get(i, 0) + v
+            order += sorted(rest, key=lambda i: (-rest[i], info[i][0], info[i][1]))[
+                : limit - len(order)]
         wanted = set(order)
         total_v = dict.fromkeys(order, 0)
         for p, v in self.paths.items():
             for i in wanted.intersection(p):
                 total_v[i] += v
-        return [FunctionStat(info[i][0], info[i][1], info[i][2], self_v[i], total_v[i])
+        return [FunctionStat(info[i][0], info[i][1], info[i][2], self_v.get(i, 0), total_v[i])
                 for i in order]
 
 
@@ -179,44 +188,5 @@ class FunctionStat:
 
 
 def top_functions(samples: Iterable[tuple[Stack, int]], limit: int = 20) -> list[FunctionStat]:
-    """Functions by self value (then name); `total` counts each function once per stack
-    (recursion-safe). Functions that are never a leaf fill the list only when fewer than
-    `limit` functions have self time.
-
-    Totals are computed for the chosen functions only: one pass over the stacks with a set
-    lookup per frame, instead of a dictionary update per frame of every function.
-    """
-    per_stack: dict[Stack, int] = {}
-    for stack, value in samples:
-        if value and stack:
-            per_stack[stack] = per_stack.get(stack, 0) + value
-    self_v: dict[tuple[str, str], int] = {}
-    for stack, value in per_stack.items():
-        leaf = stack[0]
-        k = (leaf.name, leaf.filename)
-        self_v[k] = self_v.get(k, 0) + value
-    order = sorted(self_v, key=lambda k: (-self_v[k], k))[:limit]
-    if len(order) < limit:  # callers with no self time, by total
-        rest: dict[tuple[str, str], int] = {}
-        for stack, value in per_stack.items():
-            for fk in {(f.name, f.filename) for f in stack} - self_v.keys():
-                rest[fk] = rest.get(fk, 0) + value
-        order += sorted(rest, key=lambda k: (-rest[k], k))[: limit - len(order)]
-    wanted = set(order)
-    names = {k[0] for k in wanted}
-    total_v = dict.fromkeys(order, 0)
-    lines: dict[tuple[str, str], int] = {}
-    for stack, value in per_stack.items():
-        seen = None
-        for f in stack:
-            if f.name in names:
-                k = (f.name, f.filename)
-                if k in wanted and (seen is None or k not in seen):
-                    if seen is None:
-                        seen = set()
-                    seen.add(k)
-                    total_v[k] += value
-                    if k not in lines:
-                        lines[k] = f.line
-    return [FunctionStat(k[0], k[1], lines.get(k, 0), self_v.get(k, 0), total_v[k])
-            for k in order]
+    """Functions by self value from (leaf-first stack, value) pairs (see `Paths.top`)."""
+    return Paths().add_stacks(samples).top(limit)

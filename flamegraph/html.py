@@ -13,7 +13,7 @@ from importlib import resources
 from typing import Sequence
 
 from agent.model import Profile
-from flamegraph.calltree import Node, Paths, profile_tree, top_functions
+from flamegraph.calltree import Node, Paths, profile_tree
 
 #: Subtrees smaller than this share of the total are folded into their parent.
 DEFAULT_MIN_FRACTION = 1e-4
@@ -71,57 +71,53 @@ def flamegraph_data(profile: Profile, *, types: Sequence[str] | None = None,
     With `baseline`, every node also carries the baseline's value at its path times
     `baseline_scale` (e.g. 1/N to compare one span with the average of N others): a diff.
     """
-    st = _Strings()
     chosen = [t for t in profile.sample_types if types is None or t.name in types]
     if types is None:
         # `samples/count` duplicates the time types; show it only when it is all there is.
         rest = [t for t in chosen if t.name != "samples"]
         chosen = rest or chosen
-    out_types = []
-    for t in chosen:
-        tree = profile_tree(profile, t.name, min_fraction)
-        base = None
-        if baseline is not None:
-            base = (profile_tree(baseline, t.name) if baseline.has_type(t.name)
-                    else profile_tree(profile.empty_like(), t.name))
+    per_type = [(t.name, t.unit, Paths().add_stacks(
+        (stack, v) for stack, _l, v in profile.iter_type(t.name))) for t in chosen]
+    bases = None
+    if baseline is not None:
+        bases = {}
+        for t in chosen:
+            base = profile_tree(baseline, t.name) if baseline.has_type(t.name) else Node("all")
             if baseline_scale != 1.0:
                 _scale(base, baseline_scale)
-        fstats = [f for f in top_functions(
-            ((stack, v) for stack, _l, v in profile.iter_type(t.name)), top) if f.self_value]
+            bases[t.name] = base
+    return flamegraph_data_paths(per_type, default_type=default_type or profile.primary_type(),
+                                 title=title, subtitle=subtitle, min_fraction=min_fraction,
+                                 top=top, baselines=bases)
+
+
+def flamegraph_data_paths(types: Sequence[tuple[str, str, Paths]], *, default_type: str = "",
+                          title: str = "", subtitle: str = "",
+                          min_fraction: float = DEFAULT_MIN_FRACTION, top: int = 30,
+                          baselines: dict[str, Node] | None = None) -> dict:
+    """The document from (name, unit, Paths) per sample type: one Paths gives both the tree
+    and the top functions. `flamegraph_data` builds the Paths from a Profile; views that need
+    no labels fill them straight from pprof (agent.pprof.decode_paths). With `baselines`
+    (type -> baseline tree), a diff."""
+    st = _Strings()
+    out_types = []
+    for name, unit, paths in types:
+        tree = paths.tree(min_fraction=min_fraction)
+        base = baselines.get(name) if baselines is not None else None
+        fstats = [f for f in paths.top(top) if f.self_value]
         out_types.append({
-            "name": t.name,
-            "unit": t.unit,
+            "name": name,
+            "unit": unit,
             "total": tree.total,
             "baseline_total": base.total if base is not None else None,
             "tree": _compact(tree, st, base),
             "top": [[st(f.name), st(f.filename), f.line, f.self_value, f.total] for f in fstats],
         })
-    default = default_type or profile.primary_type()
+    default = default_type
     if out_types and default not in [t["name"] for t in out_types]:
         default = out_types[0]["name"]
     return {"title": title[:500], "subtitle": subtitle[:1000], "default": default,
-            "strings": st.table, "types": out_types, "diff": baseline is not None}
-
-
-def flamegraph_data_paths(types: Sequence[tuple[str, str, Paths]], *, default_type: str = "",
-                          title: str = "", subtitle: str = "",
-                          min_fraction: float = DEFAULT_MIN_FRACTION, top: int = 30) -> dict:
-    """`flamegraph_data` for (name, unit, Paths) triples: the fast path for views that need no
-    labels (see agent.pprof.decode_paths). Same document shape, without diffs."""
-    st = _Strings()
-    out_types = []
-    for name, unit, paths in types:
-        tree = paths.tree(min_fraction=min_fraction)
-        fstats = [f for f in paths.top(top) if f.self_value]
-        out_types.append({
-            "name": name, "unit": unit, "total": tree.total, "baseline_total": None,
-            "tree": _compact(tree, st),
-            "top": [[st(f.name), st(f.filename), f.line, f.self_value, f.total] for f in fstats],
-        })
-    default = default_type if any(t["name"] == default_type for t in out_types) else (
-        out_types[0]["name"] if out_types else default_type)
-    return {"title": title[:500], "subtitle": subtitle[:1000], "default": default,
-            "strings": st.table, "types": out_types, "diff": False}
+            "strings": st.table, "types": out_types, "diff": baselines is not None}
 
 
 def _scale(node: Node, k: float) -> None:

@@ -5,6 +5,7 @@ span, and a span and a function with hostile names. Screenshots land in tests/ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -287,10 +288,12 @@ def test_api_rejects_bad_input_with_reasons(shop):
     assert "<script" not in page.text.split("<script src=")[0]
 
 
-def test_serve_is_read_only_and_honours_the_token(browser, shop):
+@contextlib.contextmanager
+def serving(store, *extra):
+    """`spanflame serve` on a free port, until the block ends; yields its URL."""
     port = free_port()
-    proc = subprocess.Popen([str(SPANFLAME), "serve", "--store", str(shop["dir"] / "store"),
-                             "--listen", f"127.0.0.1:{port}", "--auth-token", "s3cret"],
+    proc = subprocess.Popen([str(SPANFLAME), "serve", "--store", str(store),
+                             "--listen", f"127.0.0.1:{port}", *extra],
                             stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -303,6 +306,14 @@ def test_serve_is_read_only_and_honours_the_token(browser, shop):
                 pass
             assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
             time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_is_read_only_and_honours_the_token(browser, shop):
+    with serving(shop["dir"] / "store", "--auth-token", "s3cret") as url:
         assert httpx.get(url + "/api/spans", timeout=10).status_code == 401
         ok = httpx.get(url + "/api/spans", params={"name": "checkout", "from": time.time() - 900},
                        headers={"authorization": "Bearer s3cret"}, timeout=10)
@@ -326,9 +337,6 @@ def test_serve_is_read_only_and_honours_the_token(browser, shop):
         pg.wait_for_selector(".sf-error")
         assert "token" in pg.locator(".sf-error").inner_text()
         ctx.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_explore_picks_a_kubernetes_pod(page, tmp_path):
@@ -345,20 +353,7 @@ def test_explore_picks_a_kubernetes_pod(page, tmp_path):
         store.add_profile(p, type_name="cpu", service="shop", pid=1,
                           labels={"service_name": "shop", "namespace": "prod", "pod": pod})
     store.close()
-    port = free_port()
-    proc = subprocess.Popen([str(SPANFLAME), "serve", "--store", str(tmp_path / "store"),
-                             "--listen", f"127.0.0.1:{port}"], stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 30
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline
-            time.sleep(0.2)
+    with serving(tmp_path / "store") as url:
         open_page(page, f"{url}/explore?service=shop&type=cpu&range=1h")
         page.wait_for_selector('g.frame[data-name="pod_b_work"]')
         assert page.locator("select.sf-pod").is_visible()
@@ -371,6 +366,3 @@ def test_explore_picks_a_kubernetes_pod(page, tmp_path):
         assert page.locator('g.frame[data-name="pod_b_work"]').count() == 0
         assert "pod=shop-a" in page.url and "namespace=prod" in page.url
         assert not page.errors, page.errors
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

@@ -132,10 +132,18 @@ def decode_paths(data: bytes, type_name: str, paths, *,
         return False
     ti = names.index(type_name)
     acc = paths.paths
-    for stack, values, _sample in _stacks(pb, s, paths.fid, len(names)):
+    get = _locations(pb, s, paths.fid).__getitem__
+    ntypes = len(names)
+    for sample in pb.sample:  # the hot loop of the flame graph views: kept flat
+        values = sample.value
+        if len(values) != ntypes:
+            raise _wrong_values(len(values), ntypes)
+        try:
+            path = tuple(chain.from_iterable(map(get, sample.location_id)))[::-1]
+        except KeyError as exc:
+            raise _missing_location(exc) from None
         v = values[ti]
         if v:
-            path = stack[::-1]
             acc[path] = acc.get(path, 0) + v
     return True
 
@@ -167,9 +175,9 @@ def _string_reader(pb: profile_pb2.Profile):
     return s
 
 
-def _stacks(pb: profile_pb2.Profile, s, frame, ntypes: int):
-    """(leaf-first stack, values, sample) per sample; a stack holds what `frame(name, filename,
-    line)` makes of each line of its locations (Frames, or function ids for Paths). Every
+def _locations(pb: profile_pb2.Profile, s, frame) -> dict[int, tuple]:
+    """location id -> what `frame(name, filename, line)` makes of each of its lines (Frames, or
+    function ids for Paths), leaf-most (inlined) first as in a leaf-first stack. Every
     reference is checked."""
     functions = {f.id: (s(f.name, "function name"), s(f.filename, "function filename"))
                  for f in pb.function}
@@ -177,7 +185,7 @@ def _stacks(pb: profile_pb2.Profile, s, frame, ntypes: int):
     locations: dict[int, tuple] = {}
     for loc in pb.location:
         items = []
-        for line in loc.line:  # leaf-most (inlined) first, as in a leaf-first stack
+        for line in loc.line:
             fn = functions.get(line.function_id)
             if fn is None:
                 raise ProfileDecodeError(
@@ -188,18 +196,15 @@ def _stacks(pb: profile_pb2.Profile, s, frame, ntypes: int):
             name = f"0x{loc.address:x}"
             items.append(frame(f"{where}+{name}" if where else name, "", 0))
         locations[loc.id] = tuple(items)
-    get = locations.__getitem__
-    for sample in pb.sample:
-        values = list(sample.value)
-        if len(values) != ntypes:
-            raise ProfileDecodeError(
-                f"invalid pprof: a sample has {len(values)} values for {ntypes} sample types")
-        try:
-            stack = tuple(chain.from_iterable(map(get, sample.location_id)))
-        except KeyError as exc:
-            raise ProfileDecodeError(
-                f"invalid pprof: sample refers to missing location {exc.args[0]}") from None
-        yield stack, values, sample
+    return locations
+
+
+def _missing_location(exc: KeyError) -> ProfileDecodeError:
+    return ProfileDecodeError(f"invalid pprof: sample refers to missing location {exc.args[0]}")
+
+
+def _wrong_values(n: int, ntypes: int) -> ProfileDecodeError:
+    return ProfileDecodeError(f"invalid pprof: a sample has {n} values for {ntypes} sample types")
 
 
 def _from_pb(pb: profile_pb2.Profile) -> Profile:
@@ -217,7 +222,16 @@ def _from_pb(pb: profile_pb2.Profile) -> Profile:
                    comments=[s(c, "comment") for c in pb.comment], default_sample_type=default)
     samples = prof.samples
     label_cache: dict[tuple, tuple] = {}
-    for stack, values, sample in _stacks(pb, s, Frame, len(types)):
+    get = _locations(pb, s, Frame).__getitem__
+    ntypes = len(types)
+    for sample in pb.sample:
+        values = list(sample.value)
+        if len(values) != ntypes:
+            raise _wrong_values(len(values), ntypes)
+        try:
+            stack = tuple(chain.from_iterable(map(get, sample.location_id)))
+        except KeyError as exc:
+            raise _missing_location(exc) from None
         raw = tuple((lab.key, lab.str, lab.num) for lab in sample.label)
         labels = label_cache.get(raw)
         if labels is None:

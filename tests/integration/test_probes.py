@@ -161,9 +161,10 @@ def test_without_bpf_permission_attach_still_profiles_with_py_spy(tmp_path):
     os.chmod(work, 0o777)
     try:
         # The target and the CLI both run as nobody: py-spy may read its own user's process,
-        # but BPF needs privileges nobody lacks.
+        # but BPF needs privileges nobody lacks. A CPU-bound target, so that CPU samples exist
+        # whatever the machine's load (a lock-bound one could show none in 3 s).
         proc = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                 sys.executable, str(PROGRAMS / "waits.py"), "lock", "--duration",
+                                 sys.executable, str(PROGRAMS / "waits.py"), "gil", "--duration",
                                  "3", "--report", str(work / "r.json")],
                                 stdout=subprocess.PIPE, text=True)
         pid = json.loads(proc.stdout.readline())["pid"]

@@ -37,6 +37,8 @@ MAX_BODY = 16 * 1024 * 1024
 MAX_DECODED = 64 * 1024 * 1024
 MAX_LABELS = 32
 MAX_LABEL_VALUE = 256
+#: How far ahead of this host's clock a profile may be stamped (client clock skew).
+MAX_FUTURE_S = 3600.0
 
 _CONNECT_CODES = {400: "invalid_argument", 413: "resource_exhausted", 415: "invalid_argument"}
 _NAME = re.compile(r"^([^{}]*)(?:\{(.*)\})?$", re.S)
@@ -96,16 +98,53 @@ def folded_profile(text: str, sample_rate: int, start_ns: int, end_ns: int) -> P
     return p
 
 
+class TimeRejected(BodyError):
+    """A profile stamped outside what the store keeps: refused, never acknowledged and then
+    dropped by retention. `result` is its label in the ingest metrics."""
+
+    def __init__(self, result: str, message: str) -> None:
+        super().__init__(400, message)
+        self.result = result
+
+
+def check_time(prof: Profile, *, now_s: float, retention_s: float | None,
+               default_duration_s: float = 10.0) -> None:
+    """Give an unstamped profile the last `default_duration_s` before now; refuse one that ends
+    before the retention window (it would be deleted at the next sweep) or starts more than
+    MAX_FUTURE_S ahead of this host's clock."""
+    if not prof.time_ns:
+        dur = prof.duration_ns or int(default_duration_s * 1e9)
+        prof.time_ns, prof.duration_ns = int(now_s * 1e9) - dur, dur
+    end_s = (prof.time_ns + prof.duration_ns) / 1e9
+    if retention_s is not None and end_s < now_s - retention_s:
+        raise TimeRejected(
+            "rejected_too_old",
+            f"profile ends at {_utc(end_s)}, older than the store's retention "
+            f"({retention_s / 3600:g} h before now, {_utc(now_s)}): it would not be kept")
+    if prof.time_ns / 1e9 > now_s + MAX_FUTURE_S:
+        raise TimeRejected(
+            "rejected_future",
+            f"profile starts at {_utc(prof.time_ns / 1e9)}, more than {MAX_FUTURE_S / 3600:g} h "
+            f"after this host's clock ({_utc(now_s)}): check the client's clock")
+
+
+def _utc(t_s: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_s))
+
+
 class PyroscopeIngest:
     """The ingest endpoints. `sink(profile, service, labels, source)` stores one ingested
-    profile; it runs on the server's thread pool."""
+    profile; it runs on the server's thread pool. Profiles that end before `retention_s` ago
+    (None: no limit) are refused with a 400 and counted, never acknowledged and then lost."""
 
     def __init__(self, sink: Callable[[Profile, str, dict], None], *, metrics=None,
-                 max_body: int = MAX_BODY, max_decoded: int = MAX_DECODED) -> None:
+                 max_body: int = MAX_BODY, max_decoded: int = MAX_DECODED,
+                 retention_s: float | None = None) -> None:
         self.sink = sink
         self.metrics = metrics
         self.max_body = max_body
         self.max_decoded = max_decoded
+        self.retention_s = retention_s
 
     def routes(self) -> list[Route]:
         return [Route("/push.v1.PusherService/Push", self.push, methods=["POST"]),
@@ -148,11 +187,15 @@ class PyroscopeIngest:
                                             max_bytes=self.max_decoded)
                     except (ProfileDecodeError, BodyError) as exc:
                         raise BodyError(400, f"series {service!r}: {exc}") from None
+                    try:
+                        check_time(prof, now_s=time.time(), retention_s=self.retention_s)
+                    except TimeRejected as exc:
+                        raise TimeRejected(exc.result, f"series {service!r}: {exc.message}") from None
                     items.append((prof, service, labels))
             if not items:
                 raise BodyError(400, "PushRequest holds no profiles")
         except BodyError as exc:
-            self._count("push", f"rejected_{exc.status}")
+            self._count("push", getattr(exc, "result", f"rejected_{exc.status}"))
             return _connect_error(exc.status, exc.message)
         for prof, service, labels in items:
             self.sink(prof, service, labels)
@@ -201,8 +244,9 @@ class PyroscopeIngest:
                 raise BodyError(400, f"unsupported format {fmt!r}: use pprof or folded")
             if not prof.time_ns:
                 prof.time_ns, prof.duration_ns = int(frm * 1e9), int((until - frm) * 1e9)
+            check_time(prof, now_s=now, retention_s=self.retention_s)
         except BodyError as exc:
-            self._count("ingest", f"rejected_{exc.status}")
+            self._count("ingest", getattr(exc, "result", f"rejected_{exc.status}"))
             return Response(exc.message + "\n", status_code=exc.status, media_type="text/plain")
         labels = {"service_name": service, **tags}
         if q.get("spyName"):

@@ -182,7 +182,8 @@ def build_apps(agent) -> tuple[Starlette, Starlette]:
         middleware.append(Middleware(TokenAuth, token=agent.opts.auth_token))
     if read_only:  # `spanflame serve`: no ingest, no OTLP
         return Starlette(routes=routes, middleware=middleware), None
-    ingest = PyroscopeIngest(agent.ingest, metrics=m)
+    ingest = PyroscopeIngest(agent.ingest, metrics=m,
+                             retention_s=agent.store.retention_s)
     otlp = OtlpReceiver(agent.spans, forwarder=agent.forwarder, metrics=m)
     routes += ingest.routes()
     shared = agent.opts.listen == agent.opts.otlp_listen

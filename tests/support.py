@@ -93,3 +93,44 @@ def is_root() -> bool:
 
 def no_traceback(text: str) -> bool:
     return "Traceback" not in text and not re.search(r'File ".*", line \d+', text)
+
+
+FIXTURES = ROOT / "tests" / "fixtures"
+#: Real client requests captured off the wire, with what the client sent as headers.
+CAPTURED = {"pyroscope-1.4.0": ("pyroscope-1.4.0-push.json", "pyroscope-1.4.0-push.bin"),
+            "pyroscope-0.8.16": ("pyroscope-0.8.16-ingest.json", "pyroscope-0.8.16-ingest.pb.gz")}
+
+
+def captured_request(client: str, *, end_s: float | None = None) -> tuple[str, dict, bytes]:
+    """A captured real-client request, (path, headers, body), replayed as if sent at `end_s`
+    (default now): only its time fields move (the pprof `time_nanos`, the 0.8 client's
+    `from`/`until` query), so no test depends on the day the capture was made."""
+    import gzip
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    from agent.proto import profile_pb2, push_pb2
+
+    meta_name, body_name = CAPTURED[client]
+    meta = json.loads((FIXTURES / meta_name).read_text())
+    body = (FIXTURES / body_name).read_bytes()
+    headers = {k: v for k, v in meta["headers"].items() if k in ("content-type", "content-encoding")}
+    end_ns = int((time.time() if end_s is None else end_s) * 1e9)
+
+    def moved(raw: bytes) -> bytes:
+        prof = profile_pb2.Profile.FromString(raw)
+        prof.time_nanos = end_ns - (prof.duration_nanos or 10**10)
+        return prof.SerializeToString()
+
+    if client == "pyroscope-1.4.0":
+        req = push_pb2.PushRequest.FromString(gzip.decompress(body))
+        for series in req.series:
+            for sample in series.samples:
+                sample.raw_profile = moved(sample.raw_profile)
+        return meta["path"], headers, gzip.compress(req.SerializeToString())
+    parts = urlsplit(meta["path"])
+    query = dict(parse_qsl(parts.query))
+    span = int(query["until"]) - int(query["from"])
+    query["until"] = str(end_ns // 10**9)
+    query["from"] = str(end_ns // 10**9 - span)
+    return (f"{parts.path}?{urlencode(query)}", headers,
+            gzip.compress(moved(gzip.decompress(body))))

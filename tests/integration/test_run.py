@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from agent import pprof
-from tests.support import (PROGRAMS, ROOT, SPANFLAME, assert_go_pprof_reads, go_pprof, is_root)
+from tests.support import (PROGRAMS, ROOT, SPANFLAME, assert_go_pprof_reads, captured_request, go_pprof,
+                           is_root)
 
 pytestmark = [pytest.mark.integration]
 
@@ -209,22 +210,31 @@ def test_bad_ingest_gets_a_4xx_with_a_reason_and_the_agent_keeps_serving(
 
 
 def test_captured_real_client_requests_are_accepted(world):
+    """Real pyroscope-io 1.4.0 and 0.8.16 requests, replayed with their time fields moved to
+    now (tests/support.py: captured_request), are stored and served."""
     agent = world["agent"]
-    meta = json.loads((FIXTURES / "pyroscope-1.4.0-push.json").read_text())
-    body = (FIXTURES / "pyroscope-1.4.0-push.bin").read_bytes()
-    r = httpx.post(agent.url + meta["path"], content=body, timeout=30,
-                   headers={k: v for k, v in meta["headers"].items()
-                            if k in ("content-type", "content-encoding")})
-    assert r.status_code == 200
-    meta = json.loads((FIXTURES / "pyroscope-0.8.16-ingest.json").read_text())
-    body = (FIXTURES / "pyroscope-0.8.16-ingest.pb.gz").read_bytes()
-    path = meta["path"].replace("cap-old", "captured-old")
-    r = httpx.post(agent.url + path, content=body, timeout=30,
-                   headers={k: v for k, v in meta["headers"].items()
-                            if k in ("content-type", "content-encoding")})
-    assert r.status_code == 200
-    r, prof = agent.profile(type="cpu", service="captured-old", **{"from": str(int(time.time()) - 86400)})
+    t0 = time.time()
+    path, headers, body = captured_request("pyroscope-1.4.0")
+    r = httpx.post(agent.url + path, content=body, timeout=30, headers=headers)
+    assert r.status_code == 200, r.text
+    path, headers, body = captured_request("pyroscope-0.8.16")
+    path = path.replace("cap-old", "captured-old")
+    r = httpx.post(agent.url + path, content=body, timeout=30, headers=headers)
+    assert r.status_code == 200, r.text
+    window = {"from": str(int(t0) - 20), "until": str(int(time.time()) + 1)}
+    r, prof = agent.profile(type="cpu", service="captured-old", **window)
     assert "work" in fn_names(prof)
+    r, prof = agent.profile(type="cpu", service="cap-app", **window)
+    assert prof.total("cpu") > 0
+
+
+def test_a_push_older_than_retention_is_refused_not_acknowledged_and_dropped(world):
+    agent = world["agent"]
+    path, headers, body = captured_request("pyroscope-1.4.0", end_s=time.time() - 80 * 3600)
+    r = httpx.post(agent.url + path, content=body, timeout=30, headers=headers)
+    assert r.status_code == 400 and "retention" in r.json()["message"], r.text
+    text = httpx.get(f"{agent.url}/metrics").text
+    assert 'spanflame_ingest_requests_total{endpoint="push",result="rejected_too_old"} 1.0' in text
 
 
 def test_bad_api_parameters_are_400(world):

@@ -42,6 +42,8 @@ MARKERS = {
     "sleep": "[sleep]", "runqueue": "[runqueue wait]", "other": "[off-cpu]",
 }
 _MARKER_FRAMES = {k: (Frame(v),) for k, v in MARKERS.items()}
+#: The Python part of a wait's stack when py-spy saw nothing of the thread in the wait's span.
+UNSAMPLED: Stack = (Frame("[no Python stack sampled]"),)
 
 
 def classify(run: Run, gil_range: tuple[int, int] | None) -> str:
@@ -127,6 +129,10 @@ class StackIndex:
                 k += 1
         if i < len(slices) and slices[i].start_ns <= end:
             return slices[i].stack
+        if floor is not None:
+            # py-spy saw nothing of the thread inside its span: any stack we have predates the
+            # span and belongs to other code (often another span's). Say so rather than guess.
+            return UNSAMPLED
         return self.at(start)
 
 

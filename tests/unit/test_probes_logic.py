@@ -2,7 +2,7 @@
 
 from agent.model import Frame, Profile, SAMPLE_TYPES
 from agent.timeline import Slice, ThreadTimeline
-from agent.waits import RunsCpu, StackIndex, add_probe_samples, classify, run_pieces
+from agent.waits import UNSAMPLED, RunsCpu, StackIndex, add_probe_samples, classify, run_pieces
 from probes import registry
 from probes.records import Bucket, IoRequest, LockWait, ProbeData, Run
 
@@ -131,5 +131,8 @@ def test_a_waits_stack_is_what_py_spy_saw_for_most_of_it_and_never_from_before_i
     # That stack was seen before the wait's span began (the span starts at 250): stale. The
     # first stack py-spy saw after the wait, inside the span, is used instead.
     assert idx.during(260, 280, span=(250, 350)) == after
-    # Nothing seen inside the span at all: the stack at the start, as before.
-    assert idx.during(260, 280, span=(250, 290)) == waiting
+    # Nothing seen inside the span at all: every stack we have predates the span and is some
+    # other code's, so the wait says its Python stack was not sampled instead of guessing.
+    assert idx.during(260, 280, span=(250, 290)) == UNSAMPLED
+    # Without a span, the stack covering its start, as before.
+    assert idx.during(260, 280) == waiting

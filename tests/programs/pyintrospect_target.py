@@ -7,6 +7,11 @@ Runs under CPython 3.10-3.13 (and older, to be refused). Prints one JSON line:
 (slots: locals, cells, free variables and value stack: the frame's size in words, less its header)
 then waits for stdin to close. Frames are taken with sys._current_frames() after every thread
 reported it is about to block, so the blocked threads' innermost frames do not move afterwards.
+
+Options (for the user-space stack walker's tests): --deep=N adds a thread blocked in sleep at the
+bottom of an N-deep recursion (role "deep"); --stacks=N adds N threads blocked in sleep about 20
+frames deep (roles "stack0"...); --only-extra leaves out the six threads above. Frames are
+reported up to 1000 deep.
 """
 
 import ctypes
@@ -19,7 +24,7 @@ import time
 
 ctypes.pythonapi.PyThreadState_Get.restype = ctypes.c_void_p
 ctypes.pythonapi.PyInterpreterState_Main.restype = ctypes.c_void_p
-READY = threading.Barrier(7)
+READY = None  # a Barrier for every thread and main, made in main()
 STOP = threading.Event()
 INFO = {}
 
@@ -75,13 +80,20 @@ def spin_inner(n):
     return total
 
 
+def recurse(n, role):
+    if n <= 0:
+        register(role)
+        time.sleep(3600)
+    return recurse(n - 1, role)
+
+
 def cpu_bound():
     register("cpu")
     while True:
         spin_inner(10000)
 
 
-def frames_of(frame, limit=24):
+def frames_of(frame, limit=1000):
     out = []
     while frame is not None and len(out) < limit:
         code = frame.f_code
@@ -93,16 +105,31 @@ def frames_of(frame, limit=24):
     return out
 
 
+def option(name, default=0):
+    for arg in sys.argv[1:]:
+        if arg.startswith(f"--{name}="):
+            return int(arg.split("=", 1)[1])
+    return default
+
+
 def main():
+    global READY
     lock = threading.Lock()
     lock.acquire()
     left, right = socket.socketpair()
-    threads = [threading.Thread(target=blocked_on_lock, args=(lock,), daemon=True),
-               threading.Thread(target=blocked_in_sleep, daemon=True),
-               threading.Thread(target=blocked_in_recv, args=(left,), daemon=True),
-               threading.Thread(target=blocked_on_event, daemon=True),
-               threading.Thread(target=cpu_bound, daemon=True),
-               threading.Thread(target=café, daemon=True)]
+    threads = [] if "--only-extra" in sys.argv else [
+        threading.Thread(target=blocked_on_lock, args=(lock,), daemon=True),
+        threading.Thread(target=blocked_in_sleep, daemon=True),
+        threading.Thread(target=blocked_in_recv, args=(left,), daemon=True),
+        threading.Thread(target=blocked_on_event, daemon=True),
+        threading.Thread(target=cpu_bound, daemon=True),
+        threading.Thread(target=café, daemon=True)]
+    if option("deep"):
+        threads.append(threading.Thread(target=recurse, args=(option("deep"), "deep"), daemon=True))
+    # 16 recursive calls + threading's 3 bootstrap frames + run(): 20 frames
+    threads += [threading.Thread(target=recurse, args=(16, f"stack{i}"), daemon=True)
+                for i in range(option("stacks"))]
+    READY = threading.Barrier(len(threads) + 1)
     for t in threads:
         t.start()
     INFO[threading.get_ident()] = ("main", threading.get_native_id(),

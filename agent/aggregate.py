@@ -90,16 +90,17 @@ def add_pieces(profile: Profile, pieces: Iterable[Piece], cpu: CpuTimeline | Non
 
 def add_counts(profile: Profile, counts: dict[tuple[int, str, Stack], int], pid: int,
                type_name: str, count_samples: bool = True) -> None:
-    """Aggregate py-spy sample counts: each sample is worth one period of `type_name`.
+    """Aggregate py-spy sample counts: each sample is worth one period of `type_name` (counts
+    may be fractional once scaled to a thread's measured CPU; values are rounded).
 
     With `count_samples`, the counts also go to `samples/count` (one run per profile does).
     """
     period = profile.period
     for (tid, thread_name, stack), n in counts.items():
         if stack and n:
-            values = {type_name: n * period}
+            values = {type_name: round(n * period)}
             if count_samples:
-                values["samples"] = n
+                values["samples"] = round(n)
             profile.add(stack, thread_labels(pid, tid, thread_name), values)
 
 

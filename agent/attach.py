@@ -1,14 +1,18 @@
 """Ad hoc profiling of one process: `spanflame attach PID` as a library call.
 
-Without eBPF probes, each sample type comes from py-spy's own sample counts: `cpu` counts only
-threads running at the sample instant (py-spy checks each thread's kernel state), `wall` counts
-every thread. py-spy's output formats carry no per-sample running flag, so cpu and wall together
-take one py-spy run each.
+Two stack sources (`--sampler`):
 
-With eBPF probes (offcpu, lock, io, net), one py-spy run records the timeline of every thread
-(idle ones included), the sched probe gives exact on-CPU runs, and every wait is put on the
-Python stack py-spy saw at that moment (see agent/waits.py). If the probes cannot run here, the
-attach goes on with py-spy alone and says which probes are off and why.
+- **bpf**, the kernel stack walker: CPU samples from a perf_event program on every CPU, and every
+  wait (off-CPU, lock, GIL, IO, network) with the Python stack read in the kernel at the moment
+  the thread blocked. One kind of record, each on its exact stack (agent/recordprofile.py).
+- **py-spy**, where BPF is not allowed or the interpreter is not one the walker reads. Without
+  eBPF probes, each sample type comes from py-spy's own sample counts: `cpu` counts only threads
+  running at the sample instant, scaled per thread to its CPU time from schedstat; `wall` counts
+  every thread. With eBPF probes, one py-spy run records the timeline of every thread, the sched
+  probe gives exact on-CPU runs, and every wait is put on the Python stack py-spy saw near that
+  moment (agent/waits.py: the compensation a sampler outside the kernel needs).
+
+`auto` (the default) takes the kernel walker where it can run and says why when it cannot.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Callable
 
 from agent.aggregate import (add_counts, add_pieces, fill_sample_counts, new_profile,
                              timeline_pieces)
-from agent.errors import UsageError
+from agent.errors import SamplerError, UsageError
 from agent.model import SAMPLE_TYPES, Profile
 from agent.pyspy import PySpyRecorder, Recording, check_target
 from agent.schedstat import SchedstatPoller
@@ -36,6 +40,7 @@ PROBE_TYPES: dict[str, tuple[str, ...]] = {
     "net": ("net_wait", "net_send", "net_recv", "tcp_retransmits"),
 }
 KNOWN_PROBES = tuple(PROBE_TYPES)
+SAMPLERS = ("auto", "bpf", "py-spy")
 BPF_PROBES = ("offcpu", "lock", "io", "net")
 #: What `all` means: every probe but wall (idle threads' time is what the wait probes explain).
 ALL_PROBES = ("cpu", "offcpu", "lock", "io", "net")
@@ -69,6 +74,8 @@ class AttachOptions:
     span_wait_s: float = 6.0
     #: sample only the thread holding the GIL (py-spy --gil): far cheaper with many threads
     gil_only: bool = False
+    #: where stacks come from: auto (the kernel walker where it can run, else py-spy), bpf, py-spy
+    sampler: str = "auto"
 
     def __post_init__(self) -> None:
         if self.duration_s <= 0:
@@ -77,14 +84,19 @@ class AttachOptions:
             raise UsageError("--rate must be between 1 and 1000 Hz")
         if not 10_000 <= self.offcpu_threshold_ns <= 10_000_000_000:
             raise UsageError("--offcpu-threshold must be between 0.01 and 10000 ms")
+        if self.sampler not in SAMPLERS:
+            raise UsageError(f"unknown sampler {self.sampler!r}: use " + ", ".join(SAMPLERS))
 
 
 @dataclass
 class AttachResult:
     profile: Profile
-    recording: Recording
+    recording: Recording | None
     elapsed_s: float
     source: str
+    #: "bpf" (the kernel stack walker) or "py-spy", and why when not the kernel walker
+    sampler: str = "py-spy"
+    sampler_reason: str = ""
     notes: list[str] = field(default_factory=list)
     threads: int = 0
     probes_on: list[str] = field(default_factory=list)
@@ -98,6 +110,9 @@ class AttachResult:
     spans_unlinkable: int = 0
     span_breakdowns: list = field(default_factory=list)
     otlp_url: str = ""
+    #: samples the stack source took (py-spy's, or the kernel's CPU samples), and its errors
+    samples_taken: int = 0
+    sample_errors: int = 0
 
 
 def attach(options: AttachOptions, *, progress: Callable[[float], None] | None = None,
@@ -117,26 +132,148 @@ def attach(options: AttachOptions, *, progress: Callable[[float], None] | None =
         receiver = _SpanReceiver(options.otlp_listen)
         if on_listen is not None:
             on_listen(receiver.url)
+    session = None
     try:
         bpf = [p for p in options.probes if p in BPF_PROBES]
-        session = None
-        if bpf:
+        why = ""
+        if options.sampler != "py-spy":
             from probes.session import ProbeSession
-            session = ProbeSession(bpf, offcpu_min_ns=options.offcpu_threshold_ns)
+            session = ProbeSession(bpf + ["cpu"], rate_hz=options.rate_hz,
+                                   offcpu_min_ns=options.offcpu_threshold_ns)
+            session.start([options.pid])
+            if session.loaded and session.walker.get(options.pid) is None:
+                result = _attach_kernel(options, session, receiver, progress, stop)
+                result.sampler = "bpf"
+                return result
+            why = (session.walker.get(options.pid) if session.loaded
+                   else session.off.get("cpu") or next(iter(session.off.values()), "BPF is off"))
+            if options.sampler == "bpf":
+                raise SamplerError(f"--sampler bpf: the kernel stack walker cannot profile PID "
+                                   f"{options.pid}: {why}")
+            if not bpf or not session.loaded:
+                session.close()
+                session = None
+        elif bpf:
+            from probes.session import ProbeSession
+            session = ProbeSession(bpf, offcpu_min_ns=options.offcpu_threshold_ns,
+                                   python_stacks=False)
             session.start([options.pid])
         if (session is not None and session.active) or receiver is not None:
             result = _attach_timeline(options, session, receiver, progress, stop)
         else:
             result = _attach_counts(options, progress, stop)
+        result.sampler = "py-spy"
+        result.sampler_reason = why or "--sampler py-spy"
+        if result.recording is not None:
+            result.samples_taken = result.recording.samples
+            result.sample_errors = result.recording.errors
+        if why:
+            result.notes.insert(0, f"stacks from py-spy: {why}")
         if session is not None:
             session.close()
-            result.probes_off = dict(session.off)
+            result.probes_off = {k: v for k, v in session.off.items() if k != "cpu"}
             result.probe_load_s = session.load_seconds
-            result.notes += [f"probe {n} off: {why}" for n, why in session.off.items()]
+            result.notes += [f"probe {n} off: {w}" for n, w in result.probes_off.items()]
+        elif bpf and options.sampler != "py-spy" and why:
+            result.probes_off = {p: why for p in bpf}
+            result.notes += [f"probe {n} off: {why}" for n in bpf]
         return result
     finally:
+        if session is not None:
+            session.close()
         if receiver is not None:
             receiver.close()
+
+
+def _attach_kernel(options: AttachOptions, session, receiver, progress, stop) -> AttachResult:
+    """Everything from the kernel: CPU samples and waits, each with the Python stack of its
+    moment, then linked to spans by thread and time."""
+    from agent.recordprofile import add_records, kernel_python_stack
+    from agent.threadnames import ThreadNameCache
+    from agent.waits import RunsCpu
+
+    pid = options.pid
+    names = ThreadNameCache(pid, session.procs.get(pid))
+    start_ns = session.data.start_ns
+    t0 = time.monotonic()
+    interrupted = _wait_alive(pid, options.duration_s, t0, progress, stop)
+    elapsed = time.monotonic() - t0
+    names.refresh()
+    data = session.close()
+    end_ns = data.end_ns
+    exited = not _alive(pid)
+    if receiver is not None:
+        receiver.linger(options.span_wait_s)
+    types = []
+    for p in options.probes:
+        if p in ("cpu", "wall") or p in session.active:
+            types += [t for t in PROBE_TYPES[p] if t not in types]
+    types.sort(key=list(SAMPLE_TYPES).index)
+    profile = new_profile(types, options.rate_hz, start_ns, end_ns)
+    linker = None
+    if receiver is not None:
+        from agent.tracelink import TraceLinker
+        linker = TraceLinker(receiver.store, options.rate_hz, window=(start_ns - 1, end_ns + 1))
+        names.from_spans(receiver.store.all())
+    cpu = RunsCpu(data, pid, start_ns, end_ns)
+    waits = add_records(profile, pid, data, python_stack=kernel_python_stack,
+                        window=(start_ns, end_ns), linker=linker, thread_names=names.get(),
+                        cpu=cpu)
+    fill_sample_counts(profile)
+    notes = []
+    if interrupted:
+        notes.append(f"stopped early after {elapsed:.1f} s; wrote what was recorded")
+    if exited:
+        notes.append(f"target exited after {elapsed:.1f} s; the profile is partial")
+    threads = ({s.tid for s in data.samples} | {r.tid for r in data.runs}
+               | {w.tid for w in data.open_waits})
+    result = AttachResult(
+        profile=profile, recording=None, elapsed_s=elapsed,
+        source="kernel stack walker (eBPF): CPU samples at "
+               f"{options.rate_hz} Hz and waits, each with its Python stack",
+        notes=notes, threads=len(threads),
+        probes_on=[p for p in session.active if p != "cpu"],
+        probes_off={k: v for k, v in session.off.items() if k != "cpu"},
+        probe_load_s=session.load_seconds,
+        kernel_headers=session.headers.detail if session.headers else "",
+        waits=waits, counters=dict(data.counters))
+    result.samples_taken = len(data.samples)
+    result.notes += [f"probe {n} off: {w}" for n, w in result.probes_off.items()]
+    if receiver is not None:
+        from agent.spansummary import breakdowns
+        store = receiver.store
+        result.spans_received = store.received
+        result.spans_unlinkable = store.unlinkable
+        result.otlp_url = receiver.url
+        mine = [s for s in store.all() if s.pid == pid]
+        result.span_breakdowns = breakdowns(mine, store, cpu, data, profile,
+                                            window=(start_ns, end_ns))
+    return result
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_alive(pid: int, duration_s: float, t0: float,
+                progress: Callable[[float], None] | None, stop: threading.Event) -> bool:
+    """Wait for the deadline, the target's exit, or `stop`; True when stopped early by the
+    user."""
+    try:
+        while True:
+            elapsed = time.monotonic() - t0
+            if progress is not None:
+                progress(min(1.0, elapsed / duration_s))
+            if elapsed >= duration_s or not _alive(pid):
+                return False
+            if stop.wait(min(0.1, duration_s - elapsed)):
+                return True
+    except KeyboardInterrupt:
+        return True
 
 
 class _SpanReceiver:
@@ -177,19 +314,51 @@ def _attach_counts(options: AttachOptions, progress, stop) -> AttachResult:
     recorders = {t: PySpyRecorder(options.pid, rate_hz=options.rate_hz, idle=(t == "wall"),
                                   output="speedscope", gil_only=options.gil_only and t == "cpu")
                  for t in types}
-    recordings, elapsed, interrupted = _record(options, list(recorders.items()), progress, stop)
+    schedstat = PiecewiseCpu()
+    poller = SchedstatPoller(options.pid, rate_hz=2, cpu=schedstat)
+    poller.start()
+    try:
+        recordings, elapsed, interrupted = _record(options, list(recorders.items()), progress,
+                                                   stop)
+    finally:
+        poller.close()
     notes = _exit_notes(recordings.values(), elapsed, interrupted)
     start_ns = min(r.start_ns for r in recordings.values())
     end_ns = max(r.end_ns for r in recordings.values())
     profile = new_profile(types, options.rate_hz, start_ns, end_ns)
     for i, t in enumerate(types):
-        add_counts(profile, recordings[t].counts, options.pid, t, count_samples=(i == 0))
+        counts = recordings[t].counts
+        if t == "cpu":
+            counts = _scaled_to_schedstat(counts, schedstat, profile.period, start_ns, end_ns)
+        add_counts(profile, counts, options.pid, t, count_samples=(i == 0))
     source = ", ".join(
-        f"{t}: py-spy samples" + (" of running threads" if t == "cpu" else " of all threads")
+        f"{t}: py-spy samples" + (" of running threads, scaled to schedstat CPU" if t == "cpu"
+                                  else " of all threads")
         for t in types)
     threads = {k[0] for r in recordings.values() for k in r.counts}
     return AttachResult(profile=profile, recording=recordings[types[0]], elapsed_s=elapsed,
                         source=source, notes=notes, threads=len(threads))
+
+
+def _scaled_to_schedstat(counts: dict, cpu: PiecewiseCpu, period_ns: int, start_ns: int,
+                         end_ns: int) -> dict:
+    """py-spy counts a thread as running when the kernel says R, which includes runnable but
+    waiting for a CPU (or the GIL, on a busy machine): each thread's counts are scaled so that
+    they add up to the CPU time schedstat measured for it over the recording (fractional counts
+    are fine: values are count x period, rounded)."""
+    per_thread: dict[int, int] = {}
+    for (tid, _name, stack), n in counts.items():
+        if stack:
+            per_thread[tid] = per_thread.get(tid, 0) + n
+    out = {}
+    for (tid, name, stack), n in counts.items():
+        sampled = per_thread.get(tid, 0) * period_ns
+        measured = cpu.oncpu_ns(tid, start_ns, end_ns) if cpu.seen(tid) else None
+        if measured is None or not sampled:
+            out[(tid, name, stack)] = n
+        else:
+            out[(tid, name, stack)] = n * measured / sampled
+    return out
 
 
 def _attach_timeline(options: AttachOptions, session, receiver, progress, stop) -> AttachResult:

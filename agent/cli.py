@@ -36,7 +36,12 @@ def cli(verbose: bool) -> None:
 @click.option("--duration", type=float, default=10.0, show_default=True, metavar="SECONDS",
               help="How long to record; stops early (and still writes) when the target exits.")
 @click.option("--rate", type=int, default=100, show_default=True, metavar="HZ",
-              help="Sampling rate of py-spy.")
+              help="CPU samples per second (per CPU for the kernel walker; py-spy's rate).")
+@click.option("--sampler", type=click.Choice(["auto", "bpf", "py-spy"]), default="auto",
+              show_default=True, envvar="SPANFLAME_SAMPLER", show_envvar=True,
+              help="Where Python stacks come from: bpf (read in the kernel at every sample and "
+                   "every wait), py-spy, or auto (bpf where BPF is allowed and the interpreter "
+                   "is supported, else py-spy, saying why).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help="Output file; the format follows the extension: .pb.gz/.pb (pprof), .html "
                    "(flame graph), .json (speedscope), .txt/.folded (folded stacks). "
@@ -58,7 +63,7 @@ def cli(verbose: bool) -> None:
 @click.option("--spans-output", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help="With --otlp-listen: write each span's time breakdown (CPU, lock, IO, net, "
                    "other, unaccounted) and dominant cause as JSON.")
-def attach(pid: int, duration: float, rate: int, output: str | None, probes: str,
+def attach(pid: int, duration: float, rate: int, sampler: str, output: str | None, probes: str,
            offcpu_threshold: float, otlp_listen: str | None, span_wait: float,
            gil_only: bool, spans_output: str | None) -> None:
     """Profile the running Python process PID."""
@@ -68,7 +73,8 @@ def attach(pid: int, duration: float, rate: int, output: str | None, probes: str
     options = AttachOptions(pid=pid, duration_s=duration, rate_hz=rate,
                             probes=parse_probes(probes),
                             offcpu_threshold_ns=round(offcpu_threshold * 1e6),
-                            otlp_listen=otlp_listen, span_wait_s=span_wait, gil_only=gil_only)
+                            otlp_listen=otlp_listen, span_wait_s=span_wait, gil_only=gil_only,
+                            sampler=sampler)
     if output is None:
         output = f"spanflame-{pid}-{time.strftime('%Y%m%dT%H%M%S')}.pb.gz"
     check_writable(output)
@@ -143,9 +149,12 @@ def _summary(result, output: str, size: int) -> None:
         click.echo(f"spanflame: note: {note}", err=True)
     click.echo(f"wrote {output} ({_human_bytes(size)})")
     samples = p.total("samples") if p.has_type("samples") else 0
-    click.echo(f"  {result.elapsed_s:.1f} s, {samples} samples, {result.threads} threads, "
-               f"py-spy samples {result.recording.samples} (errors {result.recording.errors})")
-    click.echo(f"  source: {result.source}")
+    errors = f", {result.sample_errors} errors" if result.sample_errors else ""
+    click.echo(f"  {result.elapsed_s:.1f} s, {samples} samples, {result.threads} threads "
+               f"({result.samples_taken} taken by {result.sampler}{errors})")
+    click.echo(f"  stacks: {result.source}"
+               + (f" (not the kernel walker: {result.sampler_reason})"
+                  if result.sampler != "bpf" and result.sampler_reason else ""))
     if result.probes_on:
         click.echo(f"  probes: {', '.join(result.probes_on)} loaded in {result.probe_load_s:.2f} s; "
                    f"kernel headers: {result.kernel_headers}")
@@ -166,11 +175,11 @@ def _summary(result, output: str, size: int) -> None:
                         f"max {c[-1] / 1e6:.2f} ms)")
             click.echo(f"  TCP: sent {_human_bytes(w.net_send)}, received "
                        f"{_human_bytes(w.net_recv)}, {w.retransmits} retransmits{conn}")
-        lost = {k: v for k, v in result.counters.items()
-                if v and k not in ("lock_events", "lock_short_waits")}
+        from probes.session import is_loss
+        lost = {k: v for k, v in result.counters.items() if v and is_loss(k)}
         if lost:
-            click.echo("  dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(lost.items()))
-                       + " (raise map sizes or the off-CPU threshold)")
+            click.echo("  lost or unreadable: "
+                       + ", ".join(f"{k} {v}" for k, v in sorted(lost.items())))
     if result.otlp_url:
         _span_summary(result)
     for t in [t.name for t in p.sample_types if t.name != "samples"]:
@@ -250,7 +259,13 @@ def _size(text: str) -> int:
 @click.option("--otlp-listen", default="127.0.0.1:4318", show_default=True,
               envvar="SPANFLAME_OTLP_LISTEN", metavar="HOST:PORT", help="OTLP/HTTP traces.")
 @click.option("--rate", type=int, default=19, show_default=True, envvar="SPANFLAME_RATE",
-              metavar="HZ", help="Highest py-spy rate per process; the CPU budget may lower it.")
+              metavar="HZ", help="CPU samples per second: per CPU for the kernel walker (held); "
+                                 "per process for py-spy (the CPU budget may lower it, with a "
+                                 "warning).")
+@click.option("--sampler", type=click.Choice(["auto", "bpf", "py-spy"]), default="auto",
+              show_default=True, envvar="SPANFLAME_SAMPLER",
+              help="Where Python stacks come from: bpf (read in the kernel at every sample and "
+                   "wait), py-spy, or auto (bpf per process where it can, else py-spy).")
 @click.option("--window", type=float, default=10.0, show_default=True, envvar="SPANFLAME_WINDOW",
               metavar="SECONDS", help="Length of one profile window.")
 @click.option("--probes", default="all", show_default=True, envvar="SPANFLAME_PROBES",
@@ -283,7 +298,8 @@ def _size(text: str) -> int:
 @click.option("--span-wait", type=float, default=30.0, show_default=True,
               envvar="SPANFLAME_SPAN_WAIT", metavar="SECONDS",
               help="Longest a window waits for its spans before it is written.")
-def run(store: str, listen: str, otlp_listen: str, rate: int, window: float, probes: str,
+def run(store: str, listen: str, otlp_listen: str, rate: int, sampler: str, window: float,
+        probes: str,
         include: str | None, exclude: str | None, export_pyroscope: str | None,
         export_pyroscope_tenant, export_pyroscope_user, export_pyroscope_password,
         export_pyroscope_token, otlp_forward: str | None, auth_token: str | None,
@@ -305,7 +321,7 @@ def run(store: str, listen: str, otlp_listen: str, rate: int, window: float, pro
         export_user=export_pyroscope_user, export_password=export_pyroscope_password,
         export_token=export_pyroscope_token, otlp_forward=otlp_forward, auth_token=auth_token,
         retention_hours=retention_hours, retention_bytes=_size(retention_size),
-        cpu_budget=cpu_budget / 100, span_wait_s=span_wait)
+        cpu_budget=cpu_budget / 100, span_wait_s=span_wait, sampler=sampler)
     agent = Agent(opts).start()
     click.echo(f"spanflame: agent on {agent.url} (UI and API), OTLP on {agent.otlp_url}/v1/traces, "
                f"store {store}", err=True)

@@ -46,6 +46,13 @@ class Metrics:
                                         registry=r)
         self.rate = Gauge(f"{NS}_sampling_rate_hz", "current py-spy sampling rate per process",
                           registry=r)
+        self.sampler_processes = Gauge(f"{NS}_processes_by_sampler",
+                                       "profiled processes by stack source (bpf: the kernel "
+                                       "walker; py-spy; none: not profiled)", ["sampler"],
+                                       registry=r)
+        self.degraded = Gauge(f"{NS}_degraded",
+                              "1 while something runs below what was asked, by what",
+                              ["what"], registry=r)
         self.agent_cpu = Gauge(f"{NS}_agent_cpu_ratio",
                                "agent CPU (itself and py-spy) over the last window, in cores",
                                registry=r)

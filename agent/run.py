@@ -2,16 +2,19 @@
 
 Components, each with start()/close():
 
-- Discovery (every `scan_s`): new Python processes get a ProcessWorker; exits, execs and reused
-  PIDs stop theirs.
-- ProcessWorker (one thread per process): py-spy window after window, restarting a failed py-spy
-  with exponential backoff.
+- Discovery (every `scan_s`): new Python processes are added to the probe session; exits, execs
+  and reused PIDs remove theirs.
+- Stack sources, one per process (`--sampler`): the kernel stack walker where BPF runs and the
+  interpreter is supported (agent/kernelsource.py: the probe session records every sample and
+  wait with its Python stack; windows are cut on one thread), else a ProcessWorker (one thread
+  per process): py-spy window after window, restarting a failed py-spy with exponential backoff.
 - ProbeSession (shared): the eBPF probes, targets added and removed as processes come and go.
 - Pipeline (one thread): holds each finished window until its spans have arrived (or a bounded
   wait), links samples to spans, builds one profile per sample type, stores them (and the spans
   with their breakdowns), and hands them to the Pyroscope exporter.
 - Budget: after each round of windows, the agent's own CPU (itself and its py-spy processes)
-  is compared with the budget and the sampling rate adapts between 1 Hz and --rate.
+  is compared with the budget, and the rate of py-spy workers adapts between 1 Hz and --rate,
+  with a warning when it drops (the kernel walker's rate is held: it is cheap).
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ class RunOptions:
     #: about a third of a core for 150 threads at 19 Hz on these machines
     gil_only_threads: int = 32
     max_spans: int = 200_000
+    #: where stacks come from: auto (the kernel walker where it can, else py-spy), bpf, py-spy
+    sampler: str = "auto"
 
 
 @dataclass
@@ -85,6 +90,7 @@ class WindowJob:
     end_ns: int
     labels: dict
     done_at: float = field(default_factory=time.monotonic)
+    source: str = "py-spy"      # "bpf": the kernel walker's records carry the stacks
 
 
 class ProcessWorker:
@@ -279,8 +285,14 @@ class Agent:
         self.pods = PodResolver(opts.node)
         self.pipeline = Pipeline(self)
         self.workers: dict[int, ProcessWorker] = {}
+        #: pid -> (stack source, why not the kernel walker)
+        self.sources: dict[int, tuple[str, str]] = {}
+        self.probe_types = PROBE_TYPES
+        self.kernel_windows = None
         self.session = None
         self.bpf_on = False
+        self.walker_on = False
+        self.rate_lowered = False
         self.probes_off: dict[str, str] = {}
         self.rate_hz = max(1, opts.rate_hz)
         self.exporter = None
@@ -291,6 +303,8 @@ class Agent:
                                              daemon=True)
         self._last_usage = None
         self._persisted_spans: set[str] = set()
+        self._kernel_keys: dict[int, object] = {}
+        self._warned: set[str] = set()
         self._next_housekeeping = 0.0
         self.started_ns = 0
         self.metrics.rate.set(self.rate_hz)
@@ -300,15 +314,28 @@ class Agent:
         from agent.server import build_apps
 
         self.started_ns = time.time_ns()
+        from agent.kernelsource import KernelWindows
+
         bpf = [p for p in self.opts.probes if p in BPF_PROBES]
-        if bpf:
+        walker = self.opts.sampler != "py-spy"
+        if bpf or walker:
             from probes.session import ProbeSession
-            self.session = ProbeSession(bpf, max_records=500_000, per_process_only=True)
+            sample = ["cpu"] if walker and "cpu" in self.opts.probes else []
+            self.session = ProbeSession(bpf + sample, rate_hz=self.opts.rate_hz,
+                                        max_records=500_000, per_process_only=True,
+                                        python_stacks=walker)
             self.session.start([])
-            self.bpf_on = bool(self.session.active)
+            self.bpf_on = self.session.loaded
+            self.walker_on = self.bpf_on and self.session.python_stacks
             self.probes_off = dict(self.session.off)
+            if self.opts.sampler == "bpf" and not self.walker_on:
+                why = next(iter(self.probes_off.values()), "BPF is off")
+                self.session.close()
+                raise SpanflameError(f"--sampler bpf: the kernel stack walker cannot run here: "
+                                     f"{why}")
             for name, why in self.probes_off.items():
                 log.warning("probe %s off: %s", name, why)
+        self.kernel_windows = KernelWindows(self, self.opts.window_s).start()
         if self.opts.export_pyroscope:
             from agent.pyroscope_export import PyroscopeExporter
             self.exporter = PyroscopeExporter(
@@ -348,6 +375,10 @@ class Agent:
             w.close()
         for w in list(self.workers.values()):
             w.join(timeout=self.opts.window_s + 10)
+        if self.kernel_windows is not None:
+            self.kernel_windows.close()
+            if self.session is not None:
+                self.session.drain()
         self.pipeline.close(flush=True)
         self._persist_spans(final=True)
         if self.session is not None:
@@ -364,6 +395,25 @@ class Agent:
         """Block until close() or a signal handler sets the stop flag."""
         while not self._stop.wait(1.0):
             pass
+
+    def health(self) -> dict:
+        """What /healthz says: the processes and their stack sources, what is off and why."""
+        by = {}
+        for pid, (source, why) in sorted(self.sources.items()):
+            by[str(pid)] = {"sampler": source, **({"why": why} if why else {})}
+        degraded = [f"probe {n} off: {w}" for n, w in self.probes_off.items()]
+        if self.rate_lowered:
+            degraded.append(f"py-spy rate lowered to {self.rate_hz} Hz (of {self.opts.rate_hz}) "
+                            "to stay in the CPU budget")
+        fallbacks = sorted({why for source, why in self.sources.values() if why})
+        degraded += [f"stacks from py-spy or none: {w}" for w in fallbacks]
+        return {"status": "ok",
+                "processes": sum(1 for s, _w in self.sources.values() if s != "none"),
+                "sampler": self.opts.sampler, "walker": self.walker_on,
+                "probes": self.session.active if self.session else [],
+                "probes_off": self.probes_off, "rate_hz": self.opts.rate_hz,
+                "pyspy_rate_hz": self.rate_hz, "sources": by, "degraded": degraded,
+                "pending_windows": self.pipeline.pending()}
 
     # -- discovery ------------------------------------------------------------------------------
     def _scan_loop(self) -> None:
@@ -383,23 +433,62 @@ class Agent:
 
     def scan_once(self) -> None:
         found = self.discovery.scan()
-        for pid, w in list(self.workers.items()):
+        kw = self.kernel_windows
+        for pid, (source, _why) in list(self.sources.items()):
             t = found.get(pid)
-            if t is None or t.key != w.target.key or not w.alive:
+            w = self.workers.get(pid)
+            gone = t is None or (w is not None and (t.key != w.target.key or not w.alive))
+            if source == "bpf" and t is not None and pid in self._kernel_keys:
+                gone = gone or t.key != self._kernel_keys[pid]
+            if not gone:
+                continue
+            if w is not None:
                 w.close()
                 del self.workers[pid]
-                if self.session is not None:
-                    self.session.remove_target(pid)
+            if source == "bpf":
+                kw.remove(pid)
+                self._kernel_keys.pop(pid, None)
+            if self.session is not None:
+                self.session.remove_target(pid)
+            del self.sources[pid]
         for pid, t in found.items():
-            if pid in self.workers:
+            if pid in self.sources:
                 continue
             labels = {"pid": pid, "node": self.opts.node, "process": t.name}
             labels.update(self.pods.labels(pid))
+            why = "the kernel stack walker is off (--sampler py-spy)" if not self.walker_on else ""
             if self.session is not None and self.bpf_on:
-                self.session.add_target(pid)
-            self.workers[pid] = ProcessWorker(self, t, labels).start()
-            log.info("profiling PID %d (%s)", pid, t.name)
-        self.metrics.processes.set(len(self.workers))
+                added = self.session.add_target(pid)
+                if self.walker_on:
+                    why = added or ""
+            elif self.walker_on is False and self.opts.sampler != "py-spy":
+                why = next(iter(self.probes_off.values()), "eBPF is off")
+            if not why:
+                self.sources[pid] = ("bpf", "")
+                self._kernel_keys[pid] = t.key
+                kw.add(t, labels)
+                log.info("profiling PID %d (%s) with the kernel stack walker", pid, t.name)
+            elif self.opts.sampler == "bpf":
+                self.sources[pid] = ("none", why)
+                self._warn_once(f"skip:{pid}", "not profiling PID %d (%s): %s", pid, t.name, why)
+            else:
+                self.sources[pid] = ("py-spy", why)
+                self.workers[pid] = ProcessWorker(self, t, labels).start()
+                self._warn_once(f"fallback:{why}", "PID %d (%s): stacks from py-spy: %s",
+                                pid, t.name, why)
+        counts = {"bpf": 0, "py-spy": 0, "none": 0}
+        for source, _why in self.sources.values():
+            counts[source] = counts.get(source, 0) + 1
+        for k, v in counts.items():
+            self.metrics.sampler_processes.labels(sampler=k).set(v)
+        self.metrics.processes.set(counts["bpf"] + counts["py-spy"])
+
+    def _warn_once(self, key: str, msg: str, *args) -> None:
+        if key in self._warned:
+            log.info(msg, *args)
+            return
+        self._warned.add(key)
+        log.warning(msg, *args)
 
     # -- windows --------------------------------------------------------------------------------
     def service_name(self, target: Target) -> str:
@@ -407,7 +496,15 @@ class Agent:
 
     def build_window(self, job: WindowJob) -> None:
         """Link, build and store the profiles of one finished window."""
-        from agent.spansummary import breakdowns
+        if job.source == "bpf":
+            from agent.kernelsource import build_kernel_window
+            build_kernel_window(self, job)
+        else:
+            self.build_pyspy_window(job)
+
+    def build_pyspy_window(self, job: WindowJob) -> None:
+        """A py-spy window: its timelines calibrated, snapped to span boundaries, split into CPU
+        by exact runs (with probes) or schedstat, and the probes' waits put on what py-spy saw."""
         from agent.tracelink import TraceLinker
         from agent.waits import RunsCpu, add_probe_samples, run_pieces
 
@@ -456,6 +553,15 @@ class Agent:
             add_pieces(profile, linker.link_pieces(timeline_pieces(tls, cpu, from_ns=start)), cpu,
                        types=("cpu",))
         fill_sample_counts(profile)
+        self.store_window(job, profile, types, cpu, data)
+
+    def store_window(self, job: WindowJob, profile: Profile, types: list[str], cpu, data) -> None:
+        """Store one window's profile (one per sample type), hand it to the exporter, and store
+        the spans it covers with their breakdowns."""
+        from agent.spansummary import breakdowns
+
+        pid = job.target.pid
+        start, end = job.start_ns, job.end_ns
         service = self.service_name(job.target)
         labels = {**job.labels, "service_name": service}
         span_ids = _span_ids(profile)
@@ -487,7 +593,7 @@ class Agent:
                 if prev and prev.get("breakdown"):
                     pb = prev["breakdown"]
                     if window[0] not in pb.get("windows", []):
-                        for k in ("cpu_ns", "lock_ns", "gil_ns", "io_ns", "net_ns", "other_ns",
+                        for k in ("cpu_ns", "lock_ns", "gil_ns", "sync_ns", "io_ns", "net_ns", "other_ns",
                                   "children_ns", "unaccounted_ns", "samples"):
                             bd[k] = bd.get(k, 0) + pb.get(k, 0)
                         bd["windows"] = pb.get("windows", []) + [window[0]]
@@ -539,17 +645,27 @@ class Agent:
         self._last_usage = (now, cpu)
         used = (cpu - c0) / (now - t0)
         self.metrics.agent_cpu.set(used)
-        n = max(1, len(self.workers))
+        if not self.workers:  # only py-spy workers have a rate to lower
+            return
+        n = max(1, len(self.sources))
         budget = self.opts.cpu_budget * max(1.0, n / 10)
         if used <= 0:
             return
         factor = (budget / used) ** 0.7
         new = int(max(1, min(self.opts.rate_hz, round(self.rate_hz * factor))))
         if new != self.rate_hz:
-            log.info("agent CPU %.2f%% of a core for %d processes (budget %.2f%%): rate %d -> %d Hz",
-                     100 * used, n, 100 * budget, self.rate_hz, new)
+            lowered = new < self.opts.rate_hz
+            msg = ("agent CPU %.2f%% of a core for %d processes (budget %.2f%%): py-spy rate "
+                   "%d -> %d Hz")
+            args = (100 * used, n, 100 * budget, self.rate_hz, new)
+            if lowered and not self.rate_lowered:
+                log.warning(msg + " (--cpu-budget raises the budget)", *args)
+            else:
+                log.info(msg, *args)
+            self.rate_lowered = lowered
             self.rate_hz = new
             self.metrics.rate.set(new)
+            self.metrics.degraded.labels(what="py-spy rate lowered").set(1 if lowered else 0)
 
     # -- ingest -----------------------------------------------------------------------------------
     def ingest(self, profile: Profile, service: str, labels: dict) -> None:

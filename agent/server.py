@@ -114,10 +114,7 @@ def build_apps(agent) -> tuple[Starlette, Starlette]:
         if read_only:
             return JSONResponse({"status": "ok", "read_only": True,
                                  "store": str(agent.store.dir)})
-        return JSONResponse({"status": "ok", "processes": len(agent.workers),
-                             "probes": agent.session.active if agent.session else [],
-                             "probes_off": agent.probes_off, "rate_hz": agent.rate_hz,
-                             "pending_windows": agent.pipeline.pending()})
+        return JSONResponse(agent.health())
 
     async def metrics(request: Request) -> Response:
         return Response(m.render(), media_type="text/plain; version=0.0.4")

@@ -1,11 +1,12 @@
-"""Why was this span slow: its time split into CPU, lock, GIL, IO, network, other off-CPU, child
-spans and unaccounted, and its dominant cause in words.
+"""Why was this span slow: its time split into CPU, lock, GIL, waiting for another thread
+(sync), IO, network, other off-CPU, child spans and unaccounted, and its dominant cause in words.
 
 The split covers the span's *own* time on its thread: its duration minus the time its child
 spans (on the same thread) took, which their own breakdowns explain. CPU comes from a
-CpuTimeline (exact with the sched probe); off-CPU time by reason from the sched probe's waits;
-`other` includes absences shorter than the off-CPU threshold. Whatever nothing observed is
-`unaccounted` (without eBPF, all of the off-CPU time).
+CpuTimeline (exact with the sched probe); off-CPU time by reason from the sched probe's waits,
+and from its added-up short blocked waits; `other` includes the rest of the absences shorter
+than the off-CPU threshold (preemptions). Whatever nothing observed is `unaccounted` (without
+eBPF, all of the off-CPU time).
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from agent.spans import SpanRecord, SpanStore
 from agent.timeline import CpuTimeline
 from agent.waits import classify
 
-CATEGORIES = ("cpu", "lock", "gil", "io", "net", "other")
+CATEGORIES = ("cpu", "lock", "gil", "sync", "io", "net", "other")
 #: Which sample type shows the functions behind each category.
-CATEGORY_TYPE = {"cpu": "cpu", "lock": "lock_wait", "gil": "gil_wait", "io": "io_wait",
-                 "net": "net_wait", "other": "off_cpu"}
-_REASON_CATEGORY = {"lock": "lock", "gil": "gil", "io": "io", "net": "net", "sleep": "other",
-                    "runqueue": "other", "other": "other"}
+CATEGORY_TYPE = {"cpu": "cpu", "lock": "lock_wait", "gil": "gil_wait", "sync": "off_cpu",
+                 "io": "io_wait", "net": "net_wait", "other": "off_cpu"}
+_REASON_CATEGORY = {"lock": "lock", "gil": "gil", "sync": "sync", "io": "io", "net": "net",
+                    "sleep": "other", "runqueue": "other", "other": "other"}
 _WORDS = {"cpu": "on CPU", "lock": "waiting on a lock", "gil": "waiting for the GIL",
-          "io": "waiting on disk IO", "net": "waiting on the network", "other": "off CPU",
+          "sync": "waiting for another thread", "io": "waiting on disk IO",
+          "net": "waiting on the network", "other": "off CPU",
           "children": "in child spans", "unaccounted": "unaccounted for"}
 
 
@@ -44,6 +46,7 @@ class SpanBreakdown:
     cpu_ns: int = 0
     lock_ns: int = 0
     gil_ns: int = 0
+    sync_ns: int = 0
     io_ns: int = 0
     net_ns: int = 0
     other_ns: int = 0
@@ -84,6 +87,7 @@ def breakdowns(spans: Iterable[SpanRecord], store: SpanStore, cpu: CpuTimeline |
     spans = [s for s in spans if s.pid and s.tid]
     waits_by_tid: dict[int, list[tuple[int, int, str]]] = {}
     runs_by_tid: dict[int, list[tuple[int, int]]] = {}
+    shorts_by_tid: dict[int, list[tuple[int, int, int, str]]] = {}
     if data is not None:
         for r in data.runs:
             if r.run_start_ns is not None:
@@ -91,9 +95,15 @@ def breakdowns(spans: Iterable[SpanRecord], store: SpanStore, cpu: CpuTimeline |
             if r.off_end_ns is not None:
                 reason = classify(r, data.gil_ranges.get(r.tgid))
                 waits_by_tid.setdefault(r.tid, []).append((r.run_end_ns, r.off_end_ns, reason))
+        for w in data.open_waits:  # still waiting when read: its run is in open_runs
+            reason = classify(w, data.gil_ranges.get(w.tgid))
+            waits_by_tid.setdefault(w.tid, []).append((w.run_end_ns, w.off_end_ns, reason))
         for tid, (_tgid, a, b, _so) in data.open_runs.items():
             if a is not None:
                 runs_by_tid.setdefault(tid, []).append((a, b if b is not None else a))
+        for w in data.short_waits:
+            reason = classify(w, data.gil_ranges.get(w.tgid))
+            shorts_by_tid.setdefault(w.tid, []).append((w.start_ns, w.end_ns, w.total_ns, reason))
     top = _top_functions(profile) if profile is not None else {}
     out = []
     for s in spans:
@@ -118,12 +128,21 @@ def breakdowns(spans: Iterable[SpanRecord], store: SpanStore, cpu: CpuTimeline |
                 cat = _REASON_CATEGORY[reason]
                 setattr(b, f"{cat}_ns", getattr(b, f"{cat}_ns") + ns)
                 observed += ns
+        short_known = 0
+        for a, e, total, reason in shorts_by_tid.get(s.tid, ()):
+            ns = _overlap(own, a, e)
+            if ns:  # spread evenly over the stretch the short waits were added up in
+                ns = total if ns >= e - a else round(total * ns / max(1, e - a))
+                cat = _REASON_CATEGORY[reason]
+                setattr(b, f"{cat}_ns", getattr(b, f"{cat}_ns") + ns)
+                short_known += ns
         runs = runs_by_tid.get(s.tid)
         if runs:  # absences inside runs, shorter than the off-CPU threshold
             in_runs = sum(_overlap(own, a, e) for a, e in runs)
-            short = max(0, in_runs - b.cpu_ns)
+            short = max(0, in_runs - b.cpu_ns - short_known)
             b.other_ns += short
             observed += short
+        observed += short_known
         own_ns = sum(y - x for x, y in own)
         b.unaccounted_ns = max(0, own_ns - observed)
         b.samples = sum(top.get(s.span_id, {}).get("_samples", [0]))
@@ -155,8 +174,14 @@ def _top_functions(profile: Profile) -> dict[str, dict[str, list]]:
         f = _python_frame(stack)
         if f is None:
             continue
+        reason_cat = None
+        for k, v in labels:
+            if k == "reason":
+                reason_cat = _REASON_CATEGORY.get(str(v))
         for cat, t in CATEGORY_TYPE.items():
             if t in have:
+                if t == "off_cpu" and reason_cat != cat:
+                    continue
                 v = vec[profile.index(t)]
                 if v:
                     d = acc.setdefault(span, {}).setdefault(cat, {})

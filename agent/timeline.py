@@ -113,6 +113,10 @@ class PiecewiseCpu:
             return 0
         return max(0, round(self._cum(tid, end_ns) - self._cum(tid, start_ns)))
 
+    def seen(self, tid: int) -> bool:
+        """Whether the thread was read at least twice (so that its CPU over a stretch is known)."""
+        return len(self._t.get(tid, ())) >= 2
+
     def activity(self, tid: int, t_ns: int) -> float | None:
         """The CPU rate over the reading interval that contains `t_ns`."""
         ts = self._t.get(tid)

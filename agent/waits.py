@@ -16,61 +16,19 @@ Observations of a waiting thread never collect CPU.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+import dataclasses
 from typing import Iterable
 
 from agent.aggregate import Piece, thread_labels
 from agent.model import Frame, Labels, Profile, Stack, make_labels
+from agent.reasons import MARKER_FRAMES, MARKERS, REASONS, WAIT_TYPE, classify  # noqa: F401
+from agent.recordprofile import WaitSummary, add_records  # noqa: F401
 from agent.timeline import PiecewiseCpu, ThreadTimeline
 from probes.records import ProbeData, Run
 
-REASONS = ("lock", "gil", "io", "net", "sleep", "runqueue", "other")
-
-_IO_HINTS = ("io_schedule", "blk_", "folio_wait", "wait_on_page", "bit_wait_io", "jbd2",
-             "ext4_sync", "ext4_fsync", "xfs_", "btrfs_", "__wait_on_buffer", "submit_bio_wait",
-             "filemap_fdatawait", "file_write_and_wait", "wait_for_completion_io",
-             "blkdev_", "iomap_dio", "nfs_")
-_NET_HINTS = ("sk_wait_data", "inet_csk_accept", "tcp_recvmsg", "sk_stream_wait",
-              "inet_wait_for_connect", "__inet_stream_connect", "unix_stream_", "tcp_sendmsg",
-              "sock_", "__sys_recv", "__sys_accept", "udp_recvmsg", "do_epoll_wait", "ep_poll",
-              "do_sys_poll", "do_select", "core_sys_select")
-_SLEEP_HINTS = ("do_nanosleep", "hrtimer_nanosleep", "clock_nanosleep")
-_LOCK_HINTS = ("futex_", "rwsem_down", "mutex_lock", "__mutex_lock", "rt_mutex")
-
-MARKERS = {
-    "lock": "[lock wait]", "gil": "[GIL wait]", "io": "[io wait]", "net": "[net wait]",
-    "sleep": "[sleep]", "runqueue": "[runqueue wait]", "other": "[off-cpu]",
-}
-_MARKER_FRAMES = {k: (Frame(v),) for k, v in MARKERS.items()}
+_MARKER_FRAMES = MARKER_FRAMES
 #: The Python part of a wait's stack when py-spy saw nothing of the thread in the wait's span.
 UNSAMPLED: Stack = (Frame("[no Python stack sampled]"),)
-
-
-def classify(run: Run, gil_range: tuple[int, int] | None) -> str:
-    """Why a thread was off CPU: lock, gil, io, net, sleep, runqueue or other.
-
-    Waiting in poll/select/epoll counts as net: in Python services that is almost always a
-    socket (asyncio, selectors, socket timeouts).
-    """
-    if not run.blocked:
-        return "runqueue"
-    if run.futex_addr:
-        if gil_range and gil_range[0] <= run.futex_addr < gil_range[1]:
-            return "gil"
-        return "lock"
-    for f in run.kstack:
-        n = f.name
-        if n.startswith(_LOCK_HINTS):
-            return "lock"
-        if n.startswith(_IO_HINTS):
-            return "io"
-        if n.startswith(_NET_HINTS):
-            return "net"
-        if n.startswith(_SLEEP_HINTS):
-            return "sleep"
-    if run.state == 2:  # uninterruptible sleep: almost always IO
-        return "io"
-    return "other"
 
 
 class StackIndex:
@@ -266,135 +224,27 @@ def run_pieces(tl: ThreadTimeline, cpu: "RunsCpu", exact: set[int] = frozenset()
                 yield Piece(tl.pid, tl.tid, tl.name, x, y, obs[i + n][1])
 
 
-@dataclass
-class WaitSummary:
-    """Totals the attach summary prints: ns per reason, bytes, connects, counters."""
-
-    off_cpu_ns: dict[str, int]
-    lock_ns: int = 0
-    gil_ns: int = 0
-    io_bytes: int = 0
-    io_requests: int = 0
-    net_send: int = 0
-    net_recv: int = 0
-    retransmits: int = 0
-    connects: list[int] | None = None
-
-
 def add_probe_samples(profile: Profile, pid: int, timelines: dict[int, ThreadTimeline],
                       data: ProbeData, window: tuple[int, int] | None = None,
                       thread_names: dict[int, str] | None = None, linker=None) -> WaitSummary:
-    """Add every probe record of `pid` to `profile` (only the sample types it has).
-
-    With `window` (start, end), waits are clipped to it and events outside it are left out, so
-    that the profile covers exactly its own time range. With `linker` (a TraceLinker), every
-    sample also carries the labels of the span active on its thread then.
-    """
-    lo, hi = window if window else (-(1 << 62), 1 << 62)
+    """Add every probe record of `pid` to `profile`, on the Python stacks py-spy saw then
+    (`StackIndex.during`; py-spy's own samples give the CPU, so CPU samples are left out)."""
     idx = {tid: StackIndex(tl) for tid, tl in timelines.items() if tl.slices}
     names = {tid: tl.name for tid, tl in timelines.items()}
     if thread_names:
         for tid, n in thread_names.items():
             names.setdefault(tid, n)
-    gil = data.gil_ranges.get(pid)
-    want = {t.name for t in profile.sample_types}
-    summary = WaitSummary(off_cpu_ns={r: 0 for r in REASONS}, connects=[])
-    label_cache: dict[tuple, Labels] = {}
 
-    def labels(tid: int, start: int, end: int | None = None, **extra: str) -> Labels:
-        span = linker.event_labels(pid, tid, start, end) if linker is not None else ()
-        key = (tid, span, tuple(sorted(extra.items())))
-        lab = label_cache.get(key)
-        if lab is None:
-            lab = label_cache[key] = thread_labels(pid, tid, names.get(tid, ""),
-                                                   make_labels(list(extra.items()) + list(span)))
-        return lab
-
-    def py(tid: int, start: int, end: int) -> Stack:
+    def py(_record, tid: int, start: int, end: int) -> Stack:
         i = idx.get(tid)
         if not i:
             return ()
         sp = linker.span_at(pid, tid, start) if linker is not None else None
         return i.during(start, end, (sp.start_ns, sp.end_ns) if sp is not None else None)
 
-    for r in data.runs:
-        if r.tgid != pid or r.off_end_ns is None:
-            continue
-        dur = min(r.off_end_ns, hi) - max(r.run_end_ns, lo)
-        if dur <= 0:
-            continue
-        reason = classify(r, gil)
-        summary.off_cpu_ns[reason] += dur
-        values = {}
-        if "off_cpu" in want:
-            values["off_cpu"] = dur
-        if reason == "io" and "io_wait" in want:
-            values["io_wait"] = dur
-        if reason == "net" and "net_wait" in want:
-            values["net_wait"] = dur
-        if values:
-            stack = _MARKER_FRAMES[reason] + r.kstack + py(r.tid, r.run_end_ns, r.off_end_ns)
-            profile.add(stack, labels(r.tid, r.run_end_ns, r.off_end_ns, reason=reason), values)
+    def at(tid: int, t: int) -> Stack:
+        return idx[tid].at(t) if tid in idx else ()
 
-    for w in data.lock_waits:
-        if w.tgid != pid:
-            continue
-        dur = min(w.end_ns, hi) - max(w.start_ns, lo)
-        if dur <= 0:
-            continue
-        t = "gil_wait" if w.kind == "gil" else "lock_wait"
-        if w.kind == "gil":
-            summary.gil_ns += dur
-        else:
-            summary.lock_ns += dur
-        if t in want:
-            marker = {"gil": "[GIL wait]", "klock": "[kernel lock wait]"}.get(w.kind, "[lock wait]")
-            stack = (Frame(marker),) + w.ustack + py(w.tid, w.start_ns, w.end_ns)
-            profile.add(stack, labels(w.tid, w.start_ns, w.end_ns), {t: dur})
-
-    for io in data.io:
-        # Discards free blocks and flushes carry no data: neither is bytes moved.
-        if io.tgid != pid or not lo <= io.start_ns < hi or io.op not in ("read", "write"):
-            continue
-        summary.io_bytes += io.bytes
-        summary.io_requests += 1
-        if "io" in want and io.bytes:
-            stack = (Frame(f"[io {io.op}]"),) + py(io.tid, io.start_ns, io.start_ns)
-            profile.add(stack, labels(io.tid, io.start_ns, device=io.dev), {"io": io.bytes})
-
-    for n in data.net:
-        if n.tgid == pid and n.kind == "connect" and lo <= n.end_ns < hi:
-            summary.connects.append(n.end_ns - n.start_ns)
-
-    for b in data.buckets:
-        if b.tgid != pid:
-            continue
-        overlap = min(b.start_ns + b.width_ns, hi) - max(b.start_ns, lo)
-        if overlap <= 0:
-            continue
-        if overlap < b.width_ns:  # a bucket on the window's edge counts in proportion
-            b = b._replace(value=round(b.value * overlap / b.width_ns))
-        mid = b.start_ns + b.width_ns // 2
-        stack_py = idx[b.tid].at(mid) if b.tid in idx else ()
-        if b.probe == "lock":
-            t = "gil_wait" if b.kind == "gil" else "lock_wait"
-            if b.kind == "gil":
-                summary.gil_ns += b.value
-            else:
-                summary.lock_ns += b.value
-            if t in want:
-                marker = "[GIL wait]" if b.kind == "gil" else "[lock wait]"
-                profile.add((Frame(marker),) + stack_py, labels(b.tid, mid), {t: b.value})
-        elif b.probe == "net":
-            t = {"send": "net_send", "recv": "net_recv", "retransmit": "tcp_retransmits"}[b.kind]
-            if b.kind == "send":
-                summary.net_send += b.value
-            elif b.kind == "recv":
-                summary.net_recv += b.value
-            else:
-                summary.retransmits += b.value
-            if t in want:
-                marker = {"send": "[tcp send]", "recv": "[tcp recv]",
-                          "retransmit": "[tcp retransmit]"}[b.kind]
-                profile.add((Frame(marker),) + stack_py, labels(b.tid, mid), {t: b.value})
-    return summary
+    return add_records(profile, pid, dataclasses.replace(data, samples=[]) if data.samples else data,
+                       python_stack=py, window=window, linker=linker, thread_names=names,
+                       retransmit_stack=at)

@@ -26,21 +26,20 @@
 #define AGENT_TGID 0
 #endif
 
-/* Indices into `counters`: drops and errors, reported in summaries and /metrics. */
+/* Indices into `counters`: drops and errors, reported in summaries and /metrics
+ * (probes/session.py: COUNTER_NAMES, same order). */
 enum sf_counter {
-    C_SCHED_RB_DROP = 0,
-    C_LOCK_RB_DROP,
-    C_IO_RB_DROP,
+    C_EVENTS_DROP = 0,      /* the events ring buffer was full */
     C_NET_RB_DROP,
     C_KSTACK_ERR,
-    C_USTACK_ERR,
+    C_THREAD_UNTRACKED,     /* a target thread with no state (created before it could be seen) */
     C_THREAD_MAP_FULL,
     C_FUTEX_MAP_FULL,
     C_BUCKET_MAP_FULL,
-    C_IO_MAP_FULL,
     C_SOCK_MAP_FULL,
-    C_LOCK_EVENTS,
-    C_LOCK_SHORT,
+    C_WAITS,                /* waits at or above the off-CPU threshold, each its own record */
+    C_SHORT_WAITS,          /* shorter blocked waits, added up per thread and stack */
+    C_SAMPLES,
     C_NCOUNTERS
 };
 

@@ -1,110 +1,48 @@
-/* io: block requests created by target threads, with bytes, latency, direction and device.
+/* io: block requests created by target threads: bytes, direction, device, and the Python stack
+ * that caused them.
  *
- * The submitting thread is known where the request is created, in its own context:
- * block:block_io_start (Linux 6.5+). Completion runs in whatever task is current (idle, kworkers,
- * other threads), so requests are matched by (dev, sector); classic block tracepoints carry no
- * request pointer. Older kernels: block_bio_queue (submitter context) with block_rq_complete.
- * Only target requests enter the in-flight map; one record per completed request.
+ * The submitting thread is current where the request is created: block:block_io_start
+ * (Linux 6.5+), else block_bio_queue. Buffered writeback is submitted by kernel workers and does
+ * not count here; O_DIRECT writes, reads and fsync-driven writeback do. Time blocked on IO comes
+ * from the sched probe (off-CPU waits with their kernel stacks).
  */
-#ifndef IO_RB_PAGES
-#define IO_RB_PAGES 128
-#endif
-#ifndef MAX_IO
-#define MAX_IO 8192
-#endif
-
-struct io_key {
-    u64 sector;
-    u32 dev;
-    u32 pad;
-};
-
-struct io_start {
-    u64 ts;
-    u32 tgid;
-    u32 tid;
-    u32 bytes;
-    char rwbs[8];
-};
-
-struct io_event {
-    u32 tgid;
-    u32 tid;
-    u64 start;
-    u64 end;
-    u32 bytes;
-    u32 dev;
-    char rwbs[8];
-};
-
-BPF_TABLE("lru_hash", struct io_key, struct io_start, io_inflight, MAX_IO);
-BPF_RINGBUF_OUTPUT(io_events, IO_RB_PAGES);
-
-static __always_inline void io_submit(u32 dev, u64 sector, u32 bytes, const char *rwbs)
+static __always_inline void io_submit(void *ctx, u32 dev, u32 bytes, const char *rwbs)
 {
     u64 id = bpf_get_current_pid_tgid();
-    if (!is_target(id >> 32))
+    u32 tgid = id >> 32;
+    if (!is_target(tgid))
         return;
-    struct io_key k = {};
-    k.sector = sector;
-    k.dev = dev;
-    struct io_start v = {};
-    v.ts = bpf_ktime_get_ns();
-    v.tgid = id >> 32;
-    v.tid = (u32)id;
-    v.bytes = bytes;
-    bpf_probe_read_kernel(&v.rwbs, sizeof(v.rwbs), rwbs);
-    if (io_inflight.update(&k, &v) != 0)
-        count(C_IO_MAP_FULL);
-}
-
-static __always_inline void io_complete(u32 dev, u64 sector)
-{
-    struct io_key k = {};
-    k.sector = sector;
-    k.dev = dev;
-    struct io_start *v = io_inflight.lookup(&k);
-    if (!v)
+    struct sf_record *r = record_buf(SCRATCH_TASK);
+    if (!r)
         return;
-    struct io_event *e = io_events.ringbuf_reserve(sizeof(struct io_event));
-    if (!e) {
-        count(C_IO_RB_DROP);
-        io_inflight.delete(&k);
-        return;
-    }
-    e->tgid = v->tgid;
-    e->tid = v->tid;
-    e->start = v->ts;
-    e->end = bpf_ktime_get_ns();
-    e->bytes = v->bytes;
-    e->dev = dev;
-    __builtin_memcpy(&e->rwbs, &v->rwbs, sizeof(e->rwbs));
-    io_events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
-    io_inflight.delete(&k);
+    r->ev.kind = EV_IO;
+    r->ev.cpu = (u16)bpf_get_smp_processor_id();
+    r->ev.tgid = tgid;
+    r->ev.tid = (u32)id;
+    r->ev.kstack = -1;
+    r->ev.t0 = bpf_ktime_get_ns();
+    r->ev.t1 = r->ev.t0;
+    r->ev.value = bytes;
+    r->ev.aux = 0;
+    bpf_probe_read_kernel(&r->ev.aux, 8, rwbs);
+    r->ev.run_start = 0;
+    r->ev.short_off = 0;
+    r->ev.state = dev;
+    r->ev.count = 1;
+    py_walk(tgid, SCRATCH_TASK, &r->ev.py, r->frames);
+    emit(r);
 }
 
 #ifdef HAVE_BLOCK_IO_START
 TRACEPOINT_PROBE(block, block_io_start)
 {
-    io_submit(args->dev, args->sector, args->bytes, args->rwbs);
-    return 0;
-}
-
-TRACEPOINT_PROBE(block, block_io_done)
-{
-    io_complete(args->dev, args->sector);
+    io_submit(args, args->dev, args->bytes, args->rwbs);
     return 0;
 }
 #else
 TRACEPOINT_PROBE(block, block_bio_queue)
 {
-    io_submit(args->dev, args->sector, args->nr_sector * 512, args->rwbs);
-    return 0;
-}
-
-TRACEPOINT_PROBE(block, block_rq_complete)
-{
-    io_complete(args->dev, args->sector);
+    io_submit(args, args->dev, args->nr_sector * 512, args->rwbs);
     return 0;
 }
 #endif

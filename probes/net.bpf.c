@@ -1,12 +1,21 @@
-/* net: TCP bytes sent and received per target thread, connect latency, connection lifetimes
- * and retransmits.
+/* net: TCP bytes sent and received per target thread with the Python stack that moved them,
+ * connect latency, connection lifetimes and retransmits.
  *
- * sock_send_length / sock_recv_length (Linux 6.4+) run in the calling thread: bytes add up in
- * per-thread time buckets in the kernel. Only connect() (SYN_SENT) runs in process context; the
- * rest of a connection's state changes and retransmits run in softirq, so a socket -> owner map
- * is filled at connect and at the first send or receive. Time blocked on the network comes from
- * the sched probe (off-CPU, reason net).
+ * sock_send_length / sock_recv_length (Linux 6.4+) run in the calling thread. Bytes add up per
+ * thread; once NET_SAMPLE_BYTES have added up, or NET_SAMPLE_NS after the first of them, the
+ * Python stack of the call that crossed the line is read and one EV_NET record carries the
+ * bytes: a thread that moves data from one place is exact, one that moves it from several is
+ * sampled in proportion, and a busy socket costs one stack walk per NET_SAMPLE_BYTES, not per
+ * call. Only connect() (SYN_SENT) runs in process context; the rest of a connection's state
+ * changes and retransmits run in softirq, so a socket -> owner map is filled at connect and at
+ * the first send or receive. Time blocked on the network comes from the sched probe.
  */
+#ifndef NET_SAMPLE_BYTES
+#define NET_SAMPLE_BYTES 65536
+#endif
+#ifndef NET_SAMPLE_NS
+#define NET_SAMPLE_NS 100000000ULL
+#endif
 #ifndef NET_RB_PAGES
 #define NET_RB_PAGES 64
 #endif
@@ -70,6 +79,45 @@ static __always_inline void net_bucket(u32 tgid, u32 tid, u64 now, u32 kind, u64
     __sync_fetch_and_add(&v->count, 1);
 }
 
+static __always_inline void net_bytes(u32 tgid, u32 tid, u64 now, u32 kind, u64 bytes)
+{
+    struct tstate *s = tstates.lookup(&tid);
+    if (!s) {
+        count(C_THREAD_UNTRACKED);
+        return;
+    }
+    u32 k = kind == NET_SEND ? 0 : 1;
+    if (!s->net_bytes[0] && !s->net_bytes[1])
+        s->net_first = now;
+    s->net_bytes[k] += bytes;
+    if (s->net_bytes[k] < NET_SAMPLE_BYTES && now - s->net_first < NET_SAMPLE_NS)
+        return;
+    struct sf_record *r = record_buf(SCRATCH_TASK);
+    if (!r)
+        return;
+    py_walk(tgid, SCRATCH_TASK, &r->ev.py, r->frames);
+    r->ev.cpu = (u16)bpf_get_smp_processor_id();
+    r->ev.tgid = tgid;
+    r->ev.tid = tid;
+    r->ev.kstack = -1;
+    r->ev.aux = 0;
+    r->ev.run_start = 0;
+    r->ev.short_off = 0;
+    r->ev.count = 1;
+    r->ev.kind = EV_NET;
+    r->ev.t0 = s->net_first;
+    r->ev.t1 = now;
+    /* Both directions go out: the stack that moved the last bytes is the best we know. */
+    for (u32 d = 0; d < 2; d++) {
+        if (!s->net_bytes[d])
+            continue;
+        r->ev.value = s->net_bytes[d];
+        r->ev.state = d + 1;
+        emit(r);
+        s->net_bytes[d] = 0;
+    }
+}
+
 static __always_inline void net_io(u64 sk, u32 family, u32 protocol, int ret, u32 kind)
 {
     if (ret <= 0 || protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6))
@@ -79,7 +127,7 @@ static __always_inline void net_io(u64 sk, u32 family, u32 protocol, int ret, u3
     if (!is_target(tgid))
         return;
     u64 now = bpf_ktime_get_ns();
-    net_bucket(tgid, (u32)id, now, kind, (u64)ret);
+    net_bytes(tgid, (u32)id, now, kind, (u64)ret);
     struct sock_owner *o = sock_owners.lookup(&sk);
     if (!o) {
         struct sock_owner n = {};

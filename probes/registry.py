@@ -52,34 +52,35 @@ def _tp(*options: tuple[str, str, str]) -> TracepointChoice:
 
 SCHED = ProbeSpec(
     "sched", "sched.bpf.c",
-    needs=(_tp(("sched", "sched_switch", "")), _tp(("sched", "sched_process_exit", ""))),
+    needs=(_tp(("sched", "sched_switch", "")), _tp(("sched", "sched_process_exit", "")),
+           _tp(("task", "task_newtask", ""))),
     defines=("WITH_SCHED",),
     doc="on-CPU runs and off-CPU waits of target threads")
 
 SPECS: dict[str, ProbeSpec] = {
+    "cpu": ProbeSpec(
+        "cpu", "cpu.bpf.c", needs=SCHED.needs, sample_types=("cpu",), defines=("WITH_CPU",),
+        doc="CPU samples (perf cpu-clock on every CPU) with the Python stack read in the kernel"),
     "offcpu": ProbeSpec(
         "offcpu", "sched.bpf.c", needs=SCHED.needs, sample_types=("off_cpu",),
-        defines=("WITH_STACKS",),
-        doc="time off CPU above a threshold, by reason (lock, io, net, other)"),
+        doc="time off CPU by reason (lock, io, net, sleep, other), on the stack that waited"),
     "lock": ProbeSpec(
         "lock", "lock.bpf.c",
         needs=(_tp(("syscalls", "sys_enter_futex", "")), _tp(("syscalls", "sys_exit_futex", ""))),
-        optional=(_tp(("lock", "contention_begin", "WITH_KLOCK")),),
-        sample_types=("lock_wait", "gil_wait"), defines=("WITH_LOCK", "WITH_USTACKS"),
-        doc="futex waits (GIL waits apart) and kernel lock contention"),
+        sample_types=("lock_wait", "gil_wait"), defines=("WITH_LOCK",),
+        doc="which futex a wait is on: lock waits, and GIL waits apart"),
     "io": ProbeSpec(
         "io", "io.bpf.c",
         needs=(_tp(("block", "block_io_start", "HAVE_BLOCK_IO_START"),
-                   ("block", "block_bio_queue", "")),
-               _tp(("block", "block_io_done", ""), ("block", "block_rq_complete", ""))),
-        sample_types=("io_wait", "io"), defines=("WITH_IO", "WITH_STACKS"),
+                   ("block", "block_bio_queue", "")),),
+        sample_types=("io_wait", "io"), defines=("WITH_IO",),
         doc="block requests by submitting thread: bytes, latency; time blocked on IO"),
     "net": ProbeSpec(
         "net", "net.bpf.c",
         needs=(_tp(("sock", "sock_send_length", "")), _tp(("sock", "sock_recv_length", "")),
                _tp(("sock", "inet_sock_set_state", "")), _tp(("tcp", "tcp_retransmit_skb", ""))),
         sample_types=("net_wait", "net_send", "net_recv", "tcp_retransmits"),
-        defines=("WITH_NET", "WITH_STACKS"),
+        defines=("WITH_NET",),
         doc="TCP bytes per thread, connects, retransmits; time blocked on the network"),
 }
 
@@ -144,8 +145,8 @@ def plan(selected: list[str], exists=tracepoint_exists) -> Plan:
 
 
 def source_text(sources: list[str]) -> str:
-    """common.h and the chosen .bpf.c files, concatenated into one compile unit."""
-    parts = [(PROBE_DIR / "common.h").read_text()]
+    """The shared headers and the chosen .bpf.c files, concatenated into one compile unit."""
+    parts = [(PROBE_DIR / h).read_text() for h in ("common.h", "pystack.h", "events.h")]
     parts += [(PROBE_DIR / s).read_text() for s in sources]
     return "\n".join(parts)
 

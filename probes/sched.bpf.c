@@ -1,27 +1,37 @@
-/* sched: on-CPU runs and off-CPU waits of target threads, from the sched_switch raw tracepoint.
+/* sched: on-CPU runs and off-CPU waits of target threads, each wait with the Python stack the
+ * thread blocked in, from the sched_switch raw tracepoint; and the CPU sampler that closes
+ * waits of threads that have been running since (cpu.bpf.c) shares this state.
  *
- * The raw tracepoint costs a fraction of the perf-based one (measured here: +134 ns per switch
- * for an empty program, against +759 ns), but it hands us task_struct pointers, and reading
- * kernel structs at offsets from other headers than the running kernel's is wrong. So we only
- * use what needs no struct: the current task (the one leaving the CPU), the CPU number, and the
- * raw `preempt` and `prev_state` arguments. The time a thread came onto the CPU is the time of
- * the previous switch on that CPU (`cpu_last`), so a thread's run and the wait before it are
- * both known when it next leaves the CPU.
+ * At sched_switch the current task is the one leaving the CPU, so its user memory is readable:
+ * its Python stack is read then (pystack.h) and kept in the thread's slot until the wait ends.
+ * A thread's run begins at the previous switch on its CPU (`cpu_last`), so nothing needs the
+ * next task's task_struct: the wait that ended when a thread came back is closed when it next
+ * leaves the CPU, or at the next CPU sample that finds it running.
  *
- * Per target thread we keep its current "run": an absence shorter than OFFCPU_MIN_NS stays in
- * the run (added to short_off); a longer one ends it, and one record describes the run and the
- * wait that followed. Records go to a ring buffer without waking user space, which drains it on
- * a timer. The kernel stack is taken only when a target thread blocks.
+ * A wait of at least OFFCPU_MIN_NS becomes one EV_WAIT record (with the run before it). Shorter
+ * blocked waits are added up per thread while the thread keeps blocking in the same place (same
+ * Python stack, kernel stack and futex): one EV_WAIT_AGG record per stretch, flushed when the
+ * place changes, AGG_FLUSH_NS have added up, or AGG_SPAN_NS have passed. Shorter preemptions
+ * only shorten the run's CPU time (short_off).
+ *
+ * This hook runs with the runqueue lock held: it only looks up per-thread state (created in
+ * process context: by task_newtask for new threads, by user space for existing ones) and writes
+ * into it, into per-CPU arrays and into the ring buffer. It never inserts into or deletes from a
+ * hash map (a hash update under the runqueue lock can deadlock with paravirt spinlocks).
  */
 #ifndef OFFCPU_MIN_NS
 #define OFFCPU_MIN_NS 1000000ULL
 #endif
-#ifndef SCHED_RB_PAGES
-#define SCHED_RB_PAGES 256
+#ifndef AGG_FLUSH_NS
+#define AGG_FLUSH_NS 10000000ULL
+#endif
+#ifndef AGG_SPAN_NS
+#define AGG_SPAN_NS 100000000ULL
 #endif
 #ifndef MAX_CPUS
 #define MAX_CPUS 1024
 #endif
+#define CLONE_THREAD 0x00010000
 
 /* Reported states (as the sched_switch tracepoint prints them): 1 S, 2 D, 0x100 preempted. */
 #define ST_PREEMPTED 0x100
@@ -38,72 +48,91 @@ struct tstate {
     u32 tgid;
     u32 state;
     s32 kstack;
-    u32 pad;
-};
-
-struct sched_event {
-    u32 tgid;
-    u32 tid;
-    u64 run_start;
-    u64 run_end;        /* the thread left the CPU (or exited) */
-    u64 off_end;        /* it came back; 0 if it exited */
-    u64 short_off;
-    u64 futex_uaddr;
-    u32 state;
-    s32 kstack;
+    u32 agg_count;      /* short blocked waits added up since agg_first */
+    u64 agg_ns;
+    u64 agg_first;
+    u64 agg_last;
+    u64 net_first;      /* when the bytes in net_bytes began to add up */
+    u64 net_bytes[2];   /* TCP bytes sent, received since the last EV_NET record */
 };
 
 BPF_ARRAY(cpu_last, u64, MAX_CPUS);
-BPF_TABLE("lru_hash", u32, struct tstate, tstates, MAX_THREADS);
-BPF_STACK_TRACE(kstacks, STACK_ENTRIES);
-BPF_RINGBUF_OUTPUT(sched_events, SCHED_RB_PAGES);
+BPF_HASH(tstates, u32, struct tstate, MAX_THREADS);
+/* The Python stack each thread last blocked (or was preempted) in; allocated per thread. */
+BPF_F_TABLE("hash", u32, struct sf_record, tstacks, MAX_THREADS, BPF_F_NO_PREALLOC);
 
 #ifdef WITH_LOCK
 /* Owned by lock.bpf.c; declared here so that a thread's off-CPU wait knows its futex. */
 struct futex_wait {
     u64 start;
     u64 uaddr;
-    u32 op;
-    u32 pad;
 };
 BPF_TABLE("lru_hash", u32, struct futex_wait, futex_inflight, MAX_THREADS);
 #endif
 
-static __always_inline void emit_run(u32 tid, struct tstate *s, u64 run_end, u64 off_end)
+static __always_inline void fill(struct sf_record *r, u16 kind, struct tstate *s, u32 tid)
 {
-    struct sched_event *e = sched_events.ringbuf_reserve(sizeof(struct sched_event));
-    if (!e) {
-        count(C_SCHED_RB_DROP);
+    r->ev.kind = kind;
+    r->ev.cpu = (u16)bpf_get_smp_processor_id();
+    r->ev.tgid = s->tgid;
+    r->ev.tid = tid;
+}
+
+static __always_inline void flush_agg(u32 tid, struct tstate *s, struct sf_record *slot)
+{
+    if (!s->agg_count)
         return;
-    }
-    e->tgid = s->tgid;
-    e->tid = tid;
-    e->run_start = s->run_start;
-    e->run_end = run_end;
-    e->off_end = off_end;
-    e->short_off = s->short_off;
-    e->futex_uaddr = s->futex_uaddr;
-    e->state = s->state;
-    e->kstack = s->kstack;
-    sched_events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    fill(slot, EV_WAIT_AGG, s, tid);
+    slot->ev.t0 = s->agg_first;
+    slot->ev.t1 = s->agg_last;
+    slot->ev.value = s->agg_ns;
+    slot->ev.count = s->agg_count;
+    slot->ev.run_start = 0;
+    slot->ev.short_off = 0;
+    /* kstack, aux (futex) and state are those of the blocking place, kept in the slot */
+    emit(slot);
+    s->agg_count = 0;
+    s->agg_ns = 0;
 }
 
 /* The thread came back on CPU at `on_at` after leaving it at s->off_start: close that wait. */
-static __always_inline void came_back(u32 tid, struct tstate *s, u64 on_at)
+static __always_inline void came_back(u32 tid, struct tstate *s, struct sf_record *slot,
+                                      u64 on_at)
 {
-    if (s->off_start) {
-        u64 gap = on_at > s->off_start ? on_at - s->off_start : 0;
-        if (gap >= OFFCPU_MIN_NS) {
-            emit_run(tid, s, s->off_start, on_at);
+    if (!s->off_start) {
+        if (!s->run_start)
             s->run_start = on_at;
-            s->short_off = 0;
-        } else {
-            s->short_off += gap;
-        }
-        s->off_start = 0;
-    } else if (!s->run_start) {
-        s->run_start = on_at;
+        return;
     }
+    u64 gap = on_at > s->off_start ? on_at - s->off_start : 0;
+    if (gap >= OFFCPU_MIN_NS) {
+        count(C_WAITS);
+        if (slot) {
+            fill(slot, EV_WAIT, s, tid);
+            slot->ev.t0 = s->off_start;
+            slot->ev.t1 = on_at;
+            slot->ev.value = gap;
+            slot->ev.count = 1;
+            slot->ev.run_start = s->run_start;
+            slot->ev.short_off = s->short_off;
+            emit(slot);
+        }
+        s->run_start = on_at;
+        s->short_off = 0;
+    } else {
+        s->short_off += gap;
+        if (slot && (s->state == 1 || s->state == 2)) {
+            count(C_SHORT_WAITS);
+            if (!s->agg_count)
+                s->agg_first = s->off_start;
+            s->agg_count++;
+            s->agg_ns += gap;
+            s->agg_last = on_at;
+            if (s->agg_ns >= AGG_FLUSH_NS || on_at - s->agg_first >= AGG_SPAN_NS)
+                flush_agg(tid, s, slot);
+        }
+    }
+    s->off_start = 0;
 }
 
 RAW_TRACEPOINT_PROBE(sched_switch)
@@ -125,16 +154,13 @@ RAW_TRACEPOINT_PROBE(sched_switch)
     u32 raw_state = (u32)ctx->args[3];
     if (raw_state & RAW_DEAD)
         return 0;  /* exiting: accounted for at sched_process_exit */
-
-    struct tstate zero = {};
-    zero.tgid = tgid;
-    zero.kstack = -1;
-    struct tstate *s = tstates.lookup_or_try_init(&tid, &zero);
+    struct tstate *s = tstates.lookup(&tid);
     if (!s) {
-        count(C_THREAD_MAP_FULL);
+        count(C_THREAD_UNTRACKED);
         return 0;
     }
-    came_back(tid, s, on_at);
+    struct sf_record *slot = tstacks.lookup(&tid);
+    came_back(tid, s, slot, on_at);
 
     /* Now it leaves the CPU. */
     u32 st = 0;
@@ -149,17 +175,72 @@ RAW_TRACEPOINT_PROBE(sched_switch)
     s->futex_uaddr = 0;
     s->kstack = -1;
     if (st == 1 || st == 2) {
-#ifdef WITH_STACKS
         s->kstack = kstacks.get_stackid(ctx, 0);
         if (s->kstack < 0)
             count(C_KSTACK_ERR);
-#endif
 #ifdef WITH_LOCK
         struct futex_wait *w = futex_inflight.lookup(&tid);
         if (w)
             s->futex_uaddr = w->uaddr;
 #endif
     }
+    if (!slot)
+        return 0;
+    struct sf_record *r = record_buf(SCRATCH_IRQ);
+    if (!r)
+        return 0;
+    u32 depth = py_walk(tgid, SCRATCH_IRQ, &r->ev.py, r->frames);
+    int same_stack = r->ev.py.hash == slot->ev.py.hash && depth == slot->ev.py.depth &&
+                     r->ev.py.err == slot->ev.py.err;
+    int same_place = same_stack && s->kstack == slot->ev.kstack &&
+                     s->futex_uaddr == slot->ev.aux && st == slot->ev.state;
+    if (s->agg_count && !same_place)
+        flush_agg(tid, s, slot);
+    if (!same_stack) {
+        slot->ev.py = r->ev.py;
+        if (depth)
+            bpf_probe_read_kernel(slot->frames, ((depth * sizeof(struct py_frame) - 1) &
+                                                 (PY_MAX_FRAMES * sizeof(struct py_frame) - 1)) + 1,
+                                  r->frames);
+    }
+    slot->ev.kstack = s->kstack;
+    slot->ev.aux = s->futex_uaddr;
+    slot->ev.state = st;
+    return 0;
+}
+
+/* A new thread of a target process: its state exists before it first runs (process context,
+ * where inserting into hash maps is safe). */
+TRACEPOINT_PROBE(task, task_newtask)
+{
+    if (!(args->clone_flags & CLONE_THREAD))
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if (!is_target(tgid))
+        return 0;
+    u32 tid = args->pid;
+    struct tstate zero = {};
+    zero.tgid = tgid;
+    zero.kstack = -1;
+    if (tstates.update(&tid, &zero)) {
+        count(C_THREAD_MAP_FULL);
+        return 0;
+    }
+    struct sf_record *r = record_buf(SCRATCH_TASK);
+    if (!r)
+        return 0;
+    __builtin_memset(&r->ev, 0, sizeof(r->ev));
+    r->ev.kstack = -1;
+    r->ev.py.hash = 0x5f5f5f5f;  /* no stack yet: matches nothing */
+    if (tstacks.update(&tid, r))
+        count(C_THREAD_MAP_FULL);
+    r->ev.kind = EV_THREAD;
+    r->ev.cpu = (u16)bpf_get_smp_processor_id();
+    r->ev.tgid = tgid;
+    r->ev.tid = tid;
+    r->ev.t0 = bpf_ktime_get_ns();
+    emit(r);
     return 0;
 }
 
@@ -172,8 +253,21 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     u32 cpu = bpf_get_smp_processor_id();
     u64 *last = cpu_last.lookup(&cpu);
     u64 now = bpf_ktime_get_ns();
-    came_back(tid, s, last && *last ? *last : now);
-    emit_run(tid, s, now, 0);
+    struct sf_record *slot = tstacks.lookup(&tid);
+    came_back(tid, s, slot, last && *last ? *last : now);
+    if (slot)
+        flush_agg(tid, s, slot);
+    struct sf_record *r = record_buf(SCRATCH_TASK);
+    if (r) {
+        __builtin_memset(&r->ev, 0, sizeof(r->ev));
+        fill(r, EV_EXIT, s, tid);
+        r->ev.kstack = -1;
+        r->ev.t0 = now;
+        r->ev.run_start = s->run_start;
+        r->ev.short_off = s->short_off;
+        emit(r);
+    }
     tstates.delete(&tid);
+    tstacks.delete(&tid);
     return 0;
 }

@@ -1,8 +1,11 @@
 """Loading, running and reading the eBPF probes for a set of target processes.
 
 `ProbeSession.start()` compiles every selected probe as one bcc module, attaches it, and fills the
-kernel-side target filter. A background thread drains the ring buffers (the kernel never wakes
-us: records are written with BPF_RB_NO_WAKEUP) and the aggregation maps on a timer, and
+kernel-side target filter. For each target whose interpreter the kernel walker supports
+(probes/pyprocess.py), the walker's per-process configuration goes into `py_procs`, and every
+record of that process carries the Python stack of its moment; other targets (py-spy does their
+stacks) still get their waits, IO and network records. A background thread drains the ring
+buffer (the kernel never wakes us: records are written with BPF_RB_NO_WAKEUP) on a timer and
 symbolises stacks while the targets are alive. `close()` detaches everything and returns a
 `ProbeData`. Nothing here raises for a machine that cannot run probes: the probes are then off,
 each with a one-line reason in `off`.
@@ -16,72 +19,55 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import socket
-import struct
-import tempfile
 import threading
 import time
 from typing import Iterable, Sequence
 
-from agent.model import Frame
 from probes import kheaders, pyruntime, registry
-from probes.records import Bucket, IoRequest, LockWait, NetEvent, ProbeData, Run
+from probes.decode import Decoder, Clock
+from probes.records import ProbeData
 
 log = logging.getLogger(__name__)
 
-_SCHED_FMT = struct.Struct("<IIQQQQQIi")
-_LOCK_FMT = struct.Struct("<IIQQQIi")
-_IO_FMT = struct.Struct("<IIQQII8s")
-_NET_FMT = struct.Struct("<IIQQIHH16s")
-
-COUNTER_NAMES = ("sched_ringbuf_drops", "lock_ringbuf_drops", "io_ringbuf_drops",
-                 "net_ringbuf_drops", "kernel_stack_errors", "user_stack_errors",
-                 "thread_map_full", "futex_map_full", "bucket_map_full", "io_map_full",
-                 "socket_map_full", "lock_events", "lock_short_waits")
-_LOCK_KINDS = {1: "futex", 2: "gil", 3: "klock"}
-_NET_KINDS = {1: "send", 2: "recv", 3: "retransmit"}
-_NET_EVENTS = {1: "connect", 2: "close"}
-#: kernel frames that say nothing about why a thread waits
-_SCHED_FRAMES = ("schedule", "__schedule", "schedule_idle", "preempt_schedule",
-                 "preempt_schedule_common", "__cond_resched", "schedule_preempt_disabled")
+#: kernel-side counters, in the order of `enum sf_counter` (common.h)
+COUNTER_NAMES = ("events_ringbuf_drops", "net_ringbuf_drops", "kernel_stack_errors",
+                 "threads_untracked", "thread_map_full", "futex_map_full", "bucket_map_full",
+                 "socket_map_full", "waits", "short_waits", "samples")
+_NOEXIST = 1  # BPF_NOEXIST
+#: counters that only count what happened (the rest count something lost or unreadable)
+_INFO_COUNTERS = frozenset(("waits", "short_waits", "samples", "symbolizer_reused"))
 
 
-class Clock:
-    """bpf_ktime_get_ns() is CLOCK_MONOTONIC; everything else is CLOCK_REALTIME. One offset."""
-
-    def __init__(self) -> None:
-        best = None
-        for _ in range(5):
-            r0 = time.time_ns()
-            m = time.monotonic_ns()
-            r1 = time.time_ns()
-            if best is None or r1 - r0 < best[0]:
-                best = (r1 - r0, (r0 + r1) // 2 - m)
-        self.offset_ns = best[1]
-
-    def real(self, mono_ns: int) -> int:
-        return mono_ns + self.offset_ns
+def is_loss(counter: str) -> bool:
+    """Whether a counter counts records lost, stacks unreadable or state not kept."""
+    return counter not in _INFO_COUNTERS
 
 
 class ProbeSession:
-    def __init__(self, probes: Sequence[str], *, offcpu_min_ns: int = 1_000_000,
-                 lock_event_min_ns: int = 200_000, bucket_ns: int = 10_000_000,
-                 drain_interval_s: float = 0.25, max_records: int = 2_000_000,
-                 max_threads: int = 16384, stack_entries: int = 16384,
-                 ringbuf_pages: int = 256, per_process_only: bool = False) -> None:
+    def __init__(self, probes: Sequence[str], *, rate_hz: int = 100,
+                 offcpu_min_ns: int = 1_000_000, drain_interval_s: float = 0.25,
+                 max_records: int = 2_000_000, max_threads: int = 16384,
+                 stack_entries: int = 16384, ringbuf_pages: int = 512,
+                 per_process_only: bool = False, python_stacks: bool = True) -> None:
         self.requested = [p for p in registry.BPF_PROBES if p in probes]
+        self.sample_cpu = "cpu" in probes and python_stacks
+        self.rate_hz = rate_hz
         self.offcpu_min_ns = offcpu_min_ns
-        self.lock_event_min_ns = lock_event_min_ns
-        self.bucket_ns = bucket_ns
         self.drain_interval_s = drain_interval_s
         self.max_records = max_records
         self.max_threads = max_threads
         self.stack_entries = stack_entries
         self.ringbuf_pages = ringbuf_pages
+        #: read the Python stack in the kernel (False: waits only, py-spy does the stacks)
+        self.python_stacks = python_stacks
         #: continuous use: keep records per process only (read with window(), freed by prune())
         self.per_process_only = per_process_only
         self.active: list[str] = []
         self.off: dict[str, str] = {}
+        #: pid -> None when the kernel walker reads its Python stacks, else the reason it cannot
+        self.walker: dict[int, str | None] = {}
+        #: pid -> its probes.pyprocess.PyProcess, for the processes the walker reads
+        self.procs: dict = {}
         self.headers: kheaders.Headers | None = None
         self.load_seconds = 0.0
         self.data = ProbeData()
@@ -90,17 +76,11 @@ class ProbeSession:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._raw: dict[str, list] = {"sched": [], "lock": [], "io": [], "net": []}
-        self._kstack_cache: dict[int, tuple[Frame, ...]] = {}
-        self._ksym_cache: dict[int, Frame] = {}
-        self._usym_cache: dict[tuple[int, int], Frame] = {}
-        self._ustack_cache: dict[tuple[int, int], tuple[Frame, ...]] = {}
-        #: the same records, per process (for per-window reads in continuous use)
-        self._by_tgid: dict[int, ProbeData] = {}
+        self._raw: list[bytes] = []
+        self._raw_net: list[bytes] = []
+        self._kept = 0
+        self._decoder: Decoder | None = None
         self._targets: set[int] = set()
-        self._seed_stacks: dict[tuple[int, int], tuple[Frame, ...]] = {}
-        self._dropped = {"records": 0}
-        self._kept = {k: 0 for k in self._raw}
         self._closed = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -110,15 +90,19 @@ class ProbeSession:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def loaded(self) -> bool:
+        return self._bpf is not None
+
     def start(self, pids: Iterable[int]) -> None:
         """Compile and attach; on any failure the probes are off with a reason (no exception)."""
-        if not self.requested:
+        if not self.requested and not self.sample_cpu:
             return
         t0 = time.monotonic()
         try:
             self._load()
         except _ProbesOff as exc:
-            for name in self.requested:
+            for name in self.requested + (["cpu"] if self.sample_cpu else []):
                 self.off.setdefault(name, str(exc))
             self.active = []
             return
@@ -135,14 +119,22 @@ class ProbeSession:
         if os.geteuid() != 0 and not _has_bpf_caps():
             raise _ProbesOff("no BPF permission: run as root or grant CAP_BPF and CAP_PERFMON")
         try:
-            from bcc import BPF  # noqa: F401
+            from bcc import BPF, PerfSWConfig, PerfType
         except Exception as exc:
             raise _ProbesOff(f"bcc is not importable ({type(exc).__name__}: {exc}); "
                              "apt-get install python3-bpfcc") from None
-        plan = registry.plan(self.requested)
+        plan = registry.plan(self.requested + (["cpu"] if self.sample_cpu else []))
         self.off.update(plan.off)
         if not plan.probes:
             raise _ProbesOff(next(iter(plan.off.values()), "no probe can run here"))
+        fsbase = 0
+        if self.python_stacks:
+            from probes import btf
+            try:
+                fsbase = btf.member_offset("task_struct", "thread.fsbase")
+            except btf.BtfError as exc:
+                self.python_stacks = False
+                self.off["python-stacks"] = f"kernel BTF unreadable ({exc}): no stacks in the kernel"
         self.headers = kheaders.resolve(create=True)
         if not self.headers.found:
             raise _ProbesOff(f"no kernel headers: {self.headers.detail}; "
@@ -150,25 +142,29 @@ class ProbeSession:
         kheaders.apply(self.headers)
         cflags = [f"-D{d}" for d in plan.defines] + [
             f"-DOFFCPU_MIN_NS={self.offcpu_min_ns}ULL",
-            f"-DLOCK_EVENT_MIN_NS={self.lock_event_min_ns}ULL",
-            f"-DBUCKET_NS={self.bucket_ns}ULL",
+            f"-DSAMPLE_PERIOD_NS={round(1e9 / self.rate_hz)}ULL",
             f"-DMAX_THREADS={self.max_threads}",
             f"-DSTACK_ENTRIES={self.stack_entries}",
-            f"-DSCHED_RB_PAGES={self.ringbuf_pages}",
-            f"-DLOCK_RB_PAGES={max(1, self.ringbuf_pages // 2)}",
-            f"-DIO_RB_PAGES={max(1, self.ringbuf_pages // 2)}",
-            f"-DNET_RB_PAGES={max(1, self.ringbuf_pages // 4)}",
+            f"-DEVENTS_RB_PAGES={self.ringbuf_pages}",
+            f"-DNET_RB_PAGES={max(1, self.ringbuf_pages // 8)}",
+            f"-DFSBASE_OFF={fsbase}",
             f"-DAGENT_TGID={os.getpid()}",
             "-w",
         ]
         text = registry.source_text(plan.sources)
-        from bcc import BPF
         err = _StderrCapture()
         try:
             with err:
                 self._bpf = BPF(text=text.encode(), cflags=cflags)
+                if "cpu" in plan.probes:
+                    self._bpf.attach_perf_event(
+                        ev_type=PerfType.SOFTWARE, ev_config=PerfSWConfig.CPU_CLOCK,
+                        fn_name=b"on_cpu_sample", sample_period=round(1e9 / self.rate_hz))
         except Exception as exc:
             detail = err.first_error() or str(exc).splitlines()[0]
+            if self._bpf is not None:
+                self._bpf.cleanup()
+                self._bpf = None
             raise _ProbesOff(f"BPF load failed: {detail}") from None
         b = self._bpf
         # A thread's first run starts at the last switch on its CPU: from now, not from boot.
@@ -176,50 +172,65 @@ class ProbeSession:
         cpu_last = b[b"cpu_last"]
         for cpu in range(min(os.cpu_count() or 1, 1024)):
             cpu_last[ctypes.c_int(cpu)] = now
-        b[b"sched_events"].open_ring_buffer(self._on_sched)
-        if "lock" in plan.probes:
-            b[b"lock_events"].open_ring_buffer(self._on_lock)
-        if "io" in plan.probes:
-            b[b"io_events"].open_ring_buffer(self._on_io)
+        b[b"events"].open_ring_buffer(self._on_event)
         if "net" in plan.probes:
             b[b"net_events"].open_ring_buffer(self._on_net)
+        self._decoder = Decoder(b, self._clock)
         self.active = list(plan.probes)
         self._plan = plan
 
-    def add_target(self, pid: int) -> None:
-        """Profile `pid` from now on (its threads, in the kernel filter)."""
+    def add_target(self, pid: int) -> str | None:
+        """Profile `pid` from now on (its threads, in the kernel filter). Returns None when the
+        kernel walker reads its Python stacks, else the one-line reason it cannot (the process
+        still gets its waits, IO and network records)."""
         if self._bpf is None or pid == os.getpid():
-            return
+            return "eBPF probes are off"
         with self._lock:
-            self._add_target(pid)
+            return self._add_target(pid)
 
-    def _add_target(self, pid: int) -> None:
+    def _add_target(self, pid: int) -> str | None:
         b = self._bpf
         key = ctypes.c_uint32(pid)
+        why = "the kernel stack walker is off" if not self.python_stacks else None
+        if why is None:
+            from probes import pyprocess
+            try:
+                proc = pyprocess.inspect(pid)
+            except pyprocess.Unsupported as exc:
+                why = exc.reason
+            except Exception as exc:  # a process that vanished or cannot be read
+                why = f"cannot inspect the interpreter ({exc})"
+            else:
+                table = b[b"py_procs"]
+                table[key] = table.Leaf.from_buffer_copy(proc.bpf_config())
+                self._decoder.add_process(proc)
+                self.procs[pid] = proc
+        self.walker[pid] = why
         b[b"targets"][key] = ctypes.c_uint8(1)
         b[b"target_bits"][ctypes.c_uint32(pid & 0xFFFF)] = ctypes.c_uint8(1)
         self._targets.add(pid)
-        self._seed_threads(pid)
-        if "lock" in self.active:
-            r = pyruntime.find(pid)
-            if r is not None:
-                rt = b[b"pyruntime"]
-                leaf = rt.Leaf()
-                leaf.start, leaf.end = r.start, r.end
-                rt[key] = leaf
-                self.data.gil_ranges[pid] = (r.start, r.end)
+        self._seed_threads(pid, proc if why is None else None)
+        r = pyruntime.find(pid)
+        if r is not None:
+            self.data.gil_ranges[pid] = (r.start, r.end)
+            self._decoder.gil_ranges[pid] = (r.start, r.end)
+        return why
 
-    def _seed_threads(self, pid: int) -> None:
-        """Tell the sched probe what each existing thread is doing now, so that its first run
-        or wait has a known start. A thread asleep now keeps its kernel stack (from /proc) as
-        the reason for the wait in progress. Entries the probe already made are left alone."""
+    def _seed_threads(self, pid: int, proc=None) -> None:
+        """Per-thread state for the threads that exist now (new ones get theirs in the kernel,
+        at task_newtask), with what each is doing: a thread asleep now keeps its kernel stack
+        (from /proc) as the reason for the wait in progress and, for a process the walker reads,
+        the Python stack it is blocked in (read from user space: probes/pywalk.py). Entries the
+        kernel already made are left alone."""
         from bcc.libbcc import lib
 
-        table = self._bpf[b"tstates"]
+        b = self._bpf
+        states, stacks = b[b"tstates"], b[b"tstacks"]
         try:
             tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
         except OSError:
             return
+        pystacks = _user_space_stacks(proc) if proc is not None else {}
         for tid in tids:
             try:
                 with open(f"/proc/{pid}/task/{tid}/stat") as f:
@@ -227,34 +238,48 @@ class ProbeSession:
             except (OSError, IndexError):
                 continue
             now = time.monotonic_ns()
-            leaf = table.Leaf()
+            leaf = states.Leaf()
             leaf.tgid = pid
             leaf.kstack = -1
             leaf.run_start = now
             if state != "R":
                 leaf.off_start = now
                 leaf.state = 2 if state == "D" else 1
-                frames = _proc_kstack(pid, tid)
-                if frames:
-                    self._seed_stacks[(tid, now)] = frames
-            key = table.Key(tid)
-            lib.bpf_update_elem(table.map_fd, ctypes.byref(key), ctypes.byref(leaf), 1)  # NOEXIST
+                self._decoder.seed_kstack(tid, now, _proc_kstack(pid, tid))
+            k = states.Key(tid)
+            lib.bpf_update_elem(states.map_fd, ctypes.byref(k), ctypes.byref(leaf), _NOEXIST)
+            slot = stacks.Leaf()
+            slot.ev.kstack = -1
+            slot.ev.py.hash = 0x5F5F5F5F  # no stack yet: matches nothing the walker reports
+            seen = pystacks.get(tid)
+            if seen is not None and state != "R":
+                _fill_slot(slot, seen)
+            k = stacks.Key(tid)
+            lib.bpf_update_elem(stacks.map_fd, ctypes.byref(k), ctypes.byref(slot), _NOEXIST)
 
     def remove_target(self, pid: int) -> None:
         if self._bpf is None or pid not in self._targets:
             return
         with self._lock:
-            self._remove_target(pid)
-
-    def _remove_target(self, pid: int) -> None:
-        self._targets.discard(pid)
-        b = self._bpf
-        try:
-            del b[b"targets"][ctypes.c_uint32(pid)]
-        except KeyError:
-            pass
-        if not any((t & 0xFFFF) == (pid & 0xFFFF) for t in self._targets):
-            b[b"target_bits"][ctypes.c_uint32(pid & 0xFFFF)] = ctypes.c_uint8(0)
+            self._targets.discard(pid)
+            b = self._bpf
+            for name in (b"targets", b"py_procs"):
+                try:
+                    del b[name][ctypes.c_uint32(pid)]
+                except KeyError:
+                    pass
+            if not any((t & 0xFFFF) == (pid & 0xFFFF) for t in self._targets):
+                b[b"target_bits"][ctypes.c_uint32(pid & 0xFFFF)] = ctypes.c_uint8(0)
+            # Threads of a process we stop watching keep no state in the kernel.
+            for k, v in list(b[b"tstates"].items()):
+                if v.tgid == pid:
+                    for name in (b"tstates", b"tstacks"):
+                        try:
+                            del b[name][k]
+                        except KeyError:
+                            pass
+            self._decoder.remove_process(pid)
+            self.procs.pop(pid, None)
 
     def program_stats(self) -> dict[str, tuple[int, int]]:
         """(run count, total run time in ns) per loaded BPF program, from the kernel's own
@@ -287,15 +312,17 @@ class ProbeSession:
         if self._bpf is not None:
             try:
                 self._drain(final=True)
-                self._read_open_runs()
+                self.data.open_runs = self._open_state()
+                self.data.open_waits = self._open_waits(None)
                 self._read_counters()
             except Exception:  # loop edge: keep what we have
                 log.exception("final probe read failed")
             finally:
                 self._bpf.cleanup()
                 self._bpf = None
+        if self._decoder is not None:
+            self._decoder.close()
         self.data.end_ns = time.time_ns()
-        self.data.counters["records_dropped"] = self._dropped["records"]
         return self.data
 
     # -- draining -----------------------------------------------------------------------------
@@ -308,98 +335,67 @@ class ProbeSession:
             except Exception:  # loop edge: log, count, keep going
                 log.exception("probe drain failed")
 
-    def _keep(self, kind: str, data, size: int) -> int:
-        """Ring buffer callback body: copy the record's bytes, unless this session already holds
-        `max_records` of its kind. Decoding happens in bulk in `_drain`."""
-        if self._kept[kind] >= self.max_records:
-            self._dropped["records"] += 1
+    def _on_event(self, _ctx, data, size) -> int:
+        """Ring buffer callback body: copy the record's bytes (decoded in bulk in `_drain`),
+        unless the session already holds `max_records` (prune() makes room again)."""
+        if self._kept >= self.max_records:
+            self._decoder.dropped += 1
         else:
-            self._kept[kind] += 1
-            self._raw[kind].append(ctypes.string_at(data, size))
+            self._kept += 1
+            self._raw.append(ctypes.string_at(data, size))
         return 0
 
-    def _on_sched(self, _ctx, data, size) -> int:
-        return self._keep("sched", data, size)
-
-    def _on_lock(self, _ctx, data, size) -> int:
-        return self._keep("lock", data, size)
-
-    def _on_io(self, _ctx, data, size) -> int:
-        return self._keep("io", data, size)
-
     def _on_net(self, _ctx, data, size) -> int:
-        return self._keep("net", data, size)
+        self._raw_net.append(ctypes.string_at(data, size))
+        return 0
+
+    def drain(self) -> None:
+        """Read what the kernel has written so far (the drain thread does this on its own)."""
+        with self._lock:
+            if self._bpf is not None:
+                self._drain(final=False)
 
     def _drain(self, final: bool, buckets: bool = True) -> None:
-        with self._lock:
-            b = self._bpf
-            b.ring_buffer_consume()
-            off = self._clock.offset_ns
-            raw, self._raw = self._raw, {k: [] for k in self._raw}
-            keep_all = not self.per_process_only
-            d = self.data if keep_all else ProbeData()
-            kstack = self._kstack
-            seeds = self._seed_stacks
-            per = self._per
-            for (tgid, tid, rs, re_, oe, so, fa, st, ks) in _SCHED_FMT.iter_unpack(b"".join(raw["sched"])):
-                stack = kstack(ks) if ks >= 0 else (seeds.pop((tid, re_), ()) if seeds else ())
-                r = Run(tgid, tid, rs + off if rs else None, re_ + off, oe + off if oe else None,
-                        so, st, stack, fa)
-                d.runs.append(r)
-                per(tgid).runs.append(r)
-            for (tgid, tid, s, e, addr, kind, us) in _LOCK_FMT.iter_unpack(b"".join(raw["lock"])):
-                w = LockWait(tgid, tid, s + off, e + off, addr, _LOCK_KINDS.get(kind, "futex"),
-                             self._ustack(us, tgid))
-                d.lock_waits.append(w)
-                per(tgid).lock_waits.append(w)
-            for (tgid, tid, s, e, nbytes, dev, rwbs) in _IO_FMT.iter_unpack(b"".join(raw["io"])):
-                flags = rwbs.split(b"\0", 1)[0].decode("ascii", "replace")
-                op = ("discard" if "D" in flags else "write" if "W" in flags else
-                      "read" if "R" in flags else "other")
-                x = IoRequest(tgid, tid, s + off, e + off, nbytes, f"{dev >> 20}:{dev & 0xFFFFF}",
-                              op, flags)
-                d.io.append(x)
-                per(tgid).io.append(x)
-            for (tgid, tid, s, e, kind, dport, fam, addr) in _NET_FMT.iter_unpack(b"".join(raw["net"])):
-                x = NetEvent(tgid, tid, s + off, e + off, _NET_EVENTS.get(kind, "?"), dport,
-                             _addr(fam, addr))
-                d.net.append(x)
-                per(tgid).net.append(x)
-            if buckets or final:
-                self._drain_buckets()
-
-    def _per(self, tgid: int) -> ProbeData:
-        pd = self._by_tgid.get(tgid)
-        if pd is None:
-            pd = self._by_tgid[tgid] = ProbeData()
-        return pd
-
-    def _drain_buckets(self) -> None:
-        b, real, width = self._bpf, self._clock.real, self.bucket_ns
-        for probe, table, kinds in (("lock", "lock_buckets", _LOCK_KINDS),
-                                    ("net", "net_buckets", _NET_KINDS)):
-            if probe not in self.active:
-                continue
-            for k, v in b[table.encode()].items_lookup_and_delete_batch():
-                bk = Bucket(probe, k.tgid, k.tid, real(k.bucket * width), width,
-                            kinds.get(k.kind, "?"), v.value, v.count)
-                if not self.per_process_only:
-                    self.data.buckets.append(bk)
-                self._per(k.tgid).buckets.append(bk)
-
-    def _read_open_runs(self) -> None:
-        self.data.open_runs = self._open_state()
+        b = self._bpf
+        b.ring_buffer_consume()
+        raw, self._raw = self._raw, []
+        raw_net, self._raw_net = self._raw_net, []
+        d = self._decoder
+        d.decode(raw, raw_net, self.data if not self.per_process_only else None)
+        if (buckets or final) and "net" in self.active:
+            d.drain_buckets(b[b"net_buckets"], self.data if not self.per_process_only else None)
 
     def _open_state(self) -> dict[int, tuple[int, int | None, int | None, int]]:
         out = {}
+        real = self._clock.real
         for k, v in self._bpf[b"tstates"].items_lookup_batch():
             if v.tgid not in self._targets:
                 continue
-            start = self._clock.real(v.run_start) if v.run_start else None
+            start = real(v.run_start) if v.run_start else None
             # A thread now off CPU ended its run at off_start; one on CPU is still running.
-            end = self._clock.real(v.off_start) if v.off_start else None
+            end = real(v.off_start) if v.off_start else None
             tid = k.value if hasattr(k, "value") else int(k)
             out[tid] = (v.tgid, start, end, v.short_off)
+        return out
+
+    def _open_waits(self, pid: int | None) -> list:
+        """Waits still going on now (of `pid`, or of every target), each with its stack."""
+        b, d = self._bpf, self._decoder
+        now = time.time_ns()
+        stacks = b[b"tstacks"]
+        out = []
+        for k, v in b[b"tstates"].items_lookup_batch():
+            if not v.off_start or v.tgid not in self._targets or (pid is not None and
+                                                                  v.tgid != pid):
+                continue
+            tid = k.value if hasattr(k, "value") else int(k)
+            try:
+                slot = bytes(stacks[stacks.Key(tid)])
+            except KeyError:
+                slot = b""
+            w = d.open_wait(v.tgid, tid, v, slot, now)
+            if w is not None:
+                out.append(w)
         return out
 
     # -- continuous use (spanflame run) --------------------------------------------------------
@@ -409,123 +405,79 @@ class ProbeSession:
         with self._lock:
             if self._bpf is None:
                 return ProbeData()
-            d = self._by_tgid.get(pid) or ProbeData()
-            out = ProbeData(
-                runs=[r for r in d.runs if (r.off_end_ns or r.run_end_ns) >= start_ns
-                      and (r.run_start_ns or r.run_end_ns) < end_ns],
-                lock_waits=[w for w in d.lock_waits if w.end_ns >= start_ns
-                            and w.start_ns < end_ns],
-                io=[x for x in d.io if start_ns <= x.start_ns < end_ns],
-                net=[x for x in d.net if x.end_ns >= start_ns and x.start_ns < end_ns],
-                buckets=[b for b in d.buckets
-                         if b.start_ns + b.width_ns > start_ns and b.start_ns < end_ns],
-                gil_ranges={pid: self.data.gil_ranges[pid]} if pid in self.data.gil_ranges else {},
-                counters=dict(self.data.counters), start_ns=start_ns, end_ns=end_ns)
+            out = self._decoder.window(pid, start_ns, end_ns)
+            out.gil_ranges = {pid: self.data.gil_ranges[pid]} if pid in self.data.gil_ranges else {}
+            out.counters = dict(self.data.counters)
             try:
                 out.open_runs = {t: v for t, v in self._open_state().items() if v[0] == pid}
+                out.open_waits = [w for w in self._open_waits(pid) if w.run_end_ns < end_ns]
             except Exception:  # a map read failing must not lose the window
                 log.exception("reading open runs failed")
             return out
 
     def prune(self, before_ns: int) -> int:
         """Forget records that ended before `before_ns`; returns how many."""
-
-        def cut(d: ProbeData) -> int:
-            n0 = len(d.runs) + len(d.lock_waits) + len(d.io) + len(d.net) + len(d.buckets)
-            d.runs = [r for r in d.runs if (r.off_end_ns or r.run_end_ns) >= before_ns]
-            d.lock_waits = [w for w in d.lock_waits if w.end_ns >= before_ns]
-            d.io = [x for x in d.io if x.end_ns >= before_ns]
-            d.net = [x for x in d.net if x.end_ns >= before_ns]
-            d.buckets = [b for b in d.buckets if b.start_ns + b.width_ns >= before_ns]
-            return n0 - (len(d.runs) + len(d.lock_waits) + len(d.io) + len(d.net) + len(d.buckets))
-
         with self._lock:
-            n = cut(self.data)
-            kept = {"sched": 0, "lock": 0, "io": 0, "net": 0}
-            for tgid in list(self._by_tgid):
-                d = self._by_tgid[tgid]
-                n += cut(d) if self.per_process_only else 0
-                if tgid not in self._targets and not d.runs:
-                    del self._by_tgid[tgid]
-                    continue
-                kept["sched"] += len(d.runs)
-                kept["lock"] += len(d.lock_waits)
-                kept["io"] += len(d.io)
-                kept["net"] += len(d.net)
-            self._kept = kept
+            if self._decoder is None:
+                return 0
+            n = self._decoder.prune(before_ns, self._targets)
+            self._kept = max(0, self._kept - n)
             return n
 
     def read_counters(self) -> dict[str, int]:
         with self._lock:
             if self._bpf is not None:
                 self._read_counters()
-            self.data.counters["records_dropped"] = self._dropped["records"]
             return dict(self.data.counters)
 
     def _read_counters(self) -> None:
         table = self._bpf[b"counters"]
         for i, name in enumerate(COUNTER_NAMES):
             self.data.counters[name] = int(sum(table[ctypes.c_int(i)]))
-
-    # -- stacks ---------------------------------------------------------------------------------
-    def _kstack(self, stack_id: int) -> tuple[Frame, ...]:
-        if stack_id < 0:
-            return ()
-        cached = self._kstack_cache.get(stack_id)
-        if cached is not None:
-            return cached
-        frames = []
-        try:
-            for addr in self._bpf[b"kstacks"].walk(stack_id):
-                f = self._ksym_cache.get(addr)
-                if f is None:
-                    name = self._bpf.ksym(addr).decode("utf-8", "replace")
-                    f = self._ksym_cache[addr] = Frame(name, "[kernel]", 0)
-                if not frames and f.name in _SCHED_FRAMES:
-                    continue
-                frames.append(f)
-        except KeyError:
-            return ()
-        out = self._kstack_cache[stack_id] = tuple(frames[:32])
-        return out
-
-    def _ustack(self, stack_id: int, tgid: int) -> tuple[Frame, ...]:
-        if stack_id < 0:
-            return ()
-        cached = self._ustack_cache.get((tgid, stack_id))
-        if cached is not None:
-            return cached
-        frames = []
-        try:
-            for addr in self._bpf[b"ustacks"].walk(stack_id):
-                key = (tgid, addr)
-                f = self._usym_cache.get(key)
-                if f is None:
-                    raw = self._bpf.sym(addr, tgid, show_module=True).decode("utf-8", "replace")
-                    name, _, module = raw.partition(" [")
-                    f = self._usym_cache[key] = Frame(name, f"[{module}" if module else "[native]", 0)
-                frames.append(f)
-        except KeyError:
-            return ()
-        out = tuple(frames[:16])
-        if len(self._ustack_cache) > 50_000:
-            self._ustack_cache.clear()
-        self._ustack_cache[(tgid, stack_id)] = out
-        return out
+        if self._decoder is not None:
+            self.data.counters.update(self._decoder.counters())
 
 
 class _ProbesOff(Exception):
     pass
 
 
-def _proc_kstack(pid: int, tid: int) -> tuple[Frame, ...]:
+def _user_space_stacks(proc) -> dict:
+    """tid -> ThreadStack of every thread, read now from user space ({} if it cannot be)."""
+    from probes import pywalk
+    from probes.pyprocess import ProcessMemory
+
+    try:
+        with ProcessMemory(proc.pid) as mem:
+            return pywalk.thread_stacks(proc, mem)
+    except Exception as exc:  # a thread list changing under us, a process gone: no seed stacks
+        log.debug("no user-space stacks for PID %d: %s", proc.pid, exc)
+        return {}
+
+
+def _fill_slot(slot, stack) -> None:
+    """Write a stack read from user space into a kernel slot, as the walker would have."""
+    frames = stack.frames[:len(slot.frames)]
+    h = 0xCBF29CE484222325
+    for i, (code, instr, check) in enumerate(frames):
+        slot.frames[i].code, slot.frames[i].instr, slot.frames[i].check = code, instr, check
+        h = ((h ^ code ^ (instr << 40)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    slot.ev.py.depth = len(frames)
+    slot.ev.py.truncated = 1 if stack.truncated else 0
+    slot.ev.py.hash = (h ^ (h >> 32)) & 0xFFFFFFFF
+
+
+def _proc_kstack(pid: int, tid: int):
     """A sleeping thread's kernel stack from /proc (root only), else its wchan."""
+    from agent.model import Frame
+    from probes.decode import SCHED_FRAMES
+
     frames = []
     try:
         with open(f"/proc/{pid}/task/{tid}/stack") as f:
             for line in f:
                 name = line.split("] ", 1)[-1].split("+", 1)[0].strip()
-                if name and name not in _SCHED_FRAMES:
+                if name and name not in SCHED_FRAMES:
                     frames.append(Frame(name, "[kernel]", 0))
     except OSError:
         try:
@@ -543,15 +495,6 @@ def _has_bpf_caps() -> bool:
     return (has_cap(39) and has_cap(38)) or has_cap(21)  # BPF+PERFMON, or SYS_ADMIN
 
 
-def _addr(family: int, raw: bytes) -> str:
-    try:
-        if family == socket.AF_INET:
-            return socket.inet_ntop(socket.AF_INET, raw[:4])
-        return socket.inet_ntop(socket.AF_INET6, raw[:16])
-    except (OSError, ValueError):
-        return ""
-
-
 class _StderrCapture:
     """libbcc prints compiler errors on fd 2; keep them off the user's terminal, keep the first."""
 
@@ -559,6 +502,7 @@ class _StderrCapture:
         self.text = ""
 
     def __enter__(self) -> "_StderrCapture":
+        import tempfile
         self._tmp = tempfile.TemporaryFile()
         self._saved = os.dup(2)
         os.dup2(self._tmp.fileno(), 2)

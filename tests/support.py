@@ -79,6 +79,21 @@ def assert_go_pprof_reads(path: Path | str) -> str:
     return raw
 
 
+def truth_between(timeline: list, start_ns: int, end_ns: int) -> dict[str, float]:
+    """What a target's own CPU timeline ([[time_ns, {key: ns so far}], ...]) says each key used
+    between start_ns and end_ns (linear between readings)."""
+    def at(t: int) -> dict[str, float]:
+        if t <= timeline[0][0]:
+            return dict(timeline[0][1])
+        for (t0, a), (t1, b) in zip(timeline, timeline[1:]):
+            if t0 <= t <= t1:
+                f = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
+                return {k: a.get(k, 0) + f * (b.get(k, 0) - a.get(k, 0)) for k in set(a) | set(b)}
+        return dict(timeline[-1][1])
+    lo, hi = at(start_ns), at(end_ns)
+    return {k: hi.get(k, 0) - lo.get(k, 0) for k in set(lo) | set(hi)}
+
+
 def hot_line(program: str, marker: str) -> int:
     """Line number of the `# <marker>` comment in a test program."""
     for i, line in enumerate((PROGRAMS / f"{program}.py").read_text().splitlines(), 1):

@@ -13,7 +13,8 @@
   var RANGES = [['5m', 300], ['15m', 900], ['1h', 3600], ['6h', 21600], ['24h', 86400],
                 ['3d', 259200], ['7d', 604800]];
   var CATS = [
-    ['cpu', 'CPU'], ['lock', 'lock'], ['gil', 'GIL'], ['io', 'disk IO'], ['net', 'network'],
+    ['cpu', 'CPU'], ['lock', 'lock'], ['gil', 'GIL'], ['sync', 'waiting for another thread'],
+    ['io', 'disk IO'], ['net', 'network'],
     ['other', 'other off-CPU'], ['children', 'child spans'], ['unaccounted', 'unaccounted']];
   var TYPE_HELP = {
     cpu: 'time on CPU', wall: 'wall-clock time', off_cpu: 'time off CPU', lock_wait: 'lock waits',

@@ -5,7 +5,9 @@ thread "beta" only runs spin_b(); the main thread sleeps. Every function measure
 CPU time (time.thread_time_ns), which is the ground truth the tests compare the profile with.
 
 Prints one JSON line {"pid", "threads": {name: native_id}} when ready; runs for --duration seconds;
-then writes {"cpu_ns": {"alpha/heavy_a": ns, ...}} to --report and exits.
+then writes {"cpu_ns": {"alpha/heavy_a": ns, ...}, "timeline": [[time_ns, {key: ns so far}], ...]}
+to --report and exits. The timeline (every 20 ms, CLOCK_REALTIME) lets a test take the truth over
+exactly the stretch a profile covers.
 """
 
 import argparse
@@ -79,16 +81,25 @@ def main() -> None:
     info = {"pid": os.getpid(), "threads": {t.name: t.native_id for t in threads}}
     info["threads"]["MainThread"] = threading.get_native_id()
     print(json.dumps(info), flush=True)
-    time.sleep(args.duration)
+    timeline = [[time.time_ns(), {}]]
+    end = time.monotonic() + args.duration
+    while time.monotonic() < end:
+        time.sleep(0.02)
+        timeline.append([time.time_ns(), merged()])
     stop.set()
     for t in threads:
         t.join()
-    truth: dict[str, int] = {}
-    for d in all_truth:
-        for k, v in d.items():
-            truth[k] = truth.get(k, 0) + v
+    timeline.append([time.time_ns(), merged()])
     with open(args.report, "w") as f:
-        json.dump({"cpu_ns": truth}, f)
+        json.dump({"cpu_ns": merged(), "timeline": timeline}, f)
+
+
+def merged() -> dict[str, int]:
+    truth: dict[str, int] = {}
+    for d in list(all_truth):
+        for k, v in list(d.items()):
+            truth[k] = truth.get(k, 0) + v
+    return truth
 
 
 if __name__ == "__main__":

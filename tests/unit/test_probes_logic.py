@@ -2,27 +2,29 @@
 
 from agent.model import Frame, Profile, SAMPLE_TYPES
 from agent.timeline import Slice, ThreadTimeline
-from agent.waits import UNSAMPLED, RunsCpu, StackIndex, add_probe_samples, classify, run_pieces
+from agent.reasons import classify, is_sync_wait
+from agent.recordprofile import add_records, kernel_python_stack
+from agent.waits import UNSAMPLED, RunsCpu, StackIndex, add_probe_samples, run_pieces
 from probes import registry
-from probes.records import Bucket, IoRequest, LockWait, ProbeData, Run
+from probes.records import Bucket, IoRequest, NetBytes, ProbeData, Run, Sample, ShortWaits
 
 MS = 1_000_000
 K = lambda *names: tuple(Frame(n, "[kernel]") for n in names)
 
 
 def test_plan_compiles_sched_first_and_picks_fallbacks():
-    have = {("sched", "sched_switch"), ("sched", "sched_process_exit"),
+    have = {("sched", "sched_switch"), ("sched", "sched_process_exit"), ("task", "task_newtask"),
             ("syscalls", "sys_enter_futex"),
             ("syscalls", "sys_exit_futex"), ("block", "block_bio_queue"),
             ("block", "block_rq_complete")}
-    p = registry.plan(["lock", "io", "net"], exists=lambda c, e: (c, e) in have)
-    assert p.probes == ["lock", "io"]
-    assert p.sources == ["sched.bpf.c", "lock.bpf.c", "io.bpf.c"]
-    assert "HAVE_BLOCK_IO_START" not in p.defines and "WITH_KLOCK" not in p.defines
+    p = registry.plan(["cpu", "lock", "io", "net"], exists=lambda c, e: (c, e) in have)
+    assert p.probes == ["cpu", "lock", "io"]
+    assert p.sources == ["sched.bpf.c", "cpu.bpf.c", "lock.bpf.c", "io.bpf.c"]
+    assert "HAVE_BLOCK_IO_START" not in p.defines
     assert "sock:sock_send_length" in p.off["net"] and p.off["net"].endswith("missing")
-    have |= {("block", "block_io_start"), ("block", "block_io_done"), ("lock", "contention_begin")}
+    have |= {("block", "block_io_start")}
     p = registry.plan(["lock", "io"], exists=lambda c, e: (c, e) in have)
-    assert "HAVE_BLOCK_IO_START" in p.defines and "WITH_KLOCK" in p.defines
+    assert "HAVE_BLOCK_IO_START" in p.defines
 
 
 def test_plan_without_sched_switch_turns_everything_off():
@@ -36,8 +38,12 @@ def test_deny_list(monkeypatch):
     assert registry.denied_tracepoints() == {"sock:sock_send_length", "tcp:tcp_probe"}
 
 
-def run(state=1, kstack=(), futex=0, start=0, end=10, off_end=20):
-    return Run(1, 2, start * MS, end * MS, off_end * MS, 0, state, kstack, futex)
+def run(state=1, kstack=(), futex=0, start=0, end=10, off_end=20, py=()):
+    return Run(1, 2, start * MS, end * MS, off_end * MS, 0, state, kstack, futex, py)
+
+
+def P(*names, file="/usr/lib/python3.11/threading.py"):
+    return tuple(Frame(n, file, 1) for n in names)
 
 
 def test_classify_reasons():
@@ -52,6 +58,21 @@ def test_classify_reasons():
     assert classify(run(kstack=K("do_nanosleep", "hrtimer_nanosleep")), None) == "sleep"
     assert classify(run(state=2, kstack=K("something_else")), None) == "io"
     assert classify(run(kstack=K("pipe_read")), None) == "other"
+
+
+def test_a_thread_waiting_to_be_signalled_is_not_lock_contention():
+    idle = P("Condition.wait", "Event.wait") + P("worker", file="/srv/app.py")
+    queue = P("Condition.wait") + P("Queue.get", file="/usr/lib/python3.11/queue.py")
+    joiner = P("Thread._wait_for_tstate_lock", "Thread.join")
+    contended = P("Repo.save", file="/srv/app.py")
+    assert classify(run(futex=0x3000, py=idle), (0x1000, 0x2000)) == "sync"
+    assert classify(run(futex=0x3000, py=queue), None) == "sync"
+    assert classify(run(kstack=K("futex_do_wait"), py=joiner), None) == "sync"
+    assert classify(run(futex=0x3000, py=contended), None) == "lock"
+    # The GIL stays the GIL, whatever the thread was doing when it asked for it.
+    assert classify(run(futex=0x1800, py=idle), (0x1000, 0x2000)) == "gil"
+    # A user function that happens to be called `wait` is not threading's.
+    assert not is_sync_wait(P("Condition.wait", file="/srv/mylib/threading_utils.py"))
 
 
 def tl(*slices, tid=2, name="t"):
@@ -100,23 +121,47 @@ def test_add_probe_samples_attributes_and_clips():
     data = ProbeData(
         runs=[Run(1, 2, 0, 10 * MS, 30 * MS, 0, 2, K("io_schedule"), 0),
               Run(1, 2, 30 * MS, 90 * MS, 150 * MS, 0, 1, K("sk_wait_data"), 0)],
-        lock_waits=[LockWait(1, 2, 40 * MS, 50 * MS, 0x10, "gil", (Frame("futex", "[libc.so.6]"),)),
-                    LockWait(1, 2, 60 * MS, 65 * MS, 0x99, "futex", ())],
+        short_waits=[ShortWaits(1, 2, 40 * MS, 50 * MS, 10 * MS, 20, 1, K("futex_do_wait"),
+                                0x10, ()),
+                     ShortWaits(1, 2, 60 * MS, 65 * MS, 5 * MS, 5, 1, K("futex_do_wait"),
+                                0x99, ())],
         io=[IoRequest(1, 2, 5 * MS, 9 * MS, 4096, "8:0", "write", "WS"),
             IoRequest(1, 2, 6 * MS, 9 * MS, 1 << 20, "8:0", "discard", "DS"),
             IoRequest(1, 2, 500 * MS, 501 * MS, 4096, "8:0", "write", "W")],
-        buckets=[Bucket("net", 1, 2, 95 * MS, 10 * MS, "send", 1000, 3)])
+        net_bytes=[NetBytes(1, 2, 95 * MS, 105 * MS, "send", 1000, ())],
+        gil_ranges={1: (0x10, 0x20)})
     s = add_probe_samples(prof, 1, {2: t}, data, window=(0, 100 * MS))
-    assert prof.total("off_cpu") == 20 * MS + 10 * MS      # the net wait is clipped at 100 ms
+    assert prof.total("off_cpu") == 20 * MS + 10 * MS + 15 * MS  # the net wait is clipped
     assert prof.total("io_wait") == 20 * MS
     assert prof.total("gil_wait") == 10 * MS and prof.total("lock_wait") == 5 * MS
     assert prof.total("io") == 4096                         # no discard, nothing outside
-    assert prof.total("net_send") == 500                    # half the bucket is in the window
+    assert prof.total("net_send") == 500                    # half of it is in the window
     stacks = {s[0].name: s for s, _l, v in prof.iter_type("gil_wait")}
-    assert [f.name for f in stacks["[GIL wait]"]] == ["[GIL wait]", "futex", "handler", "main"]
+    assert [f.name for f in stacks["[GIL wait]"]] == ["[GIL wait]", "futex_do_wait", "handler",
+                                                      "main"]
     reasons = {dict(l)["reason"] for s, l, v in prof.iter_type("off_cpu")}
-    assert reasons == {"io", "net"}
+    assert reasons == {"io", "net", "gil", "lock"}
     assert s.io_bytes == 4096 and s.gil_ns == 10 * MS
+
+
+def test_kernel_records_carry_their_own_stacks():
+    """With the kernel walker, every record has the Python stack of its moment: CPU samples
+    add CPU there, each wait goes on the stack it blocked in, short waits too."""
+    prof = Profile([SAMPLE_TYPES[n] for n in ("samples", "cpu", "off_cpu", "lock_wait", "wall")])
+    handler, save = P("handler", file="/srv/app.py"), P("Repo.save", "handler", file="/srv/app.py")
+    data = ProbeData(
+        samples=[Sample(1, 2, 1 * MS, 10 * MS, (), handler), Sample(1, 2, 11 * MS, 10 * MS, (),
+                                                                    handler),
+                 Sample(1, 2, 200 * MS, 10 * MS, (), handler)],   # outside the window
+        runs=[Run(1, 2, 0, 20 * MS, 50 * MS, 0, 1, K("futex_do_wait"), 0x99, save)],
+        short_waits=[ShortWaits(1, 2, 60 * MS, 70 * MS, 3 * MS, 9, 1, K("futex_do_wait"), 0x99,
+                                save)])
+    s = add_records(prof, 1, data, python_stack=kernel_python_stack, window=(0, 100 * MS))
+    cpu = {tuple(f.name for f in st): v for st, _l, v in prof.iter_type("cpu")}
+    assert cpu == {("handler",): 20 * MS} and s.cpu_ns == 20 * MS
+    lock = {tuple(f.name for f in st): v for st, _l, v in prof.iter_type("lock_wait")}
+    assert lock == {("[lock wait]", "futex_do_wait", "Repo.save", "handler"): 33 * MS}
+    assert prof.total("wall") == 20 * MS + 33 * MS
 
 
 def test_a_waits_stack_is_what_py_spy_saw_for_most_of_it_and_never_from_before_its_span():

@@ -1,0 +1,228 @@
+"""Probe records into a Profile: CPU samples, waits, short waits, block IO and network bytes.
+
+Every record becomes samples on one stack, leaf first: a marker for what it is (`[lock wait]`,
+`[io write]`, `[tcp send]`), the kernel frames where they say why (a wait's kernel stack, a CPU
+sample taken in kernel code), then the Python frames. Where those Python frames come from is the
+caller's choice (`python_stack`): the stack the kernel read at that moment (the kernel walker),
+or what py-spy saw near it (agent/waits.py). The reason of a wait is agent/reasons.py's.
+
+With `window` (start, end) every value is clipped to it, so that a profile covers exactly its
+own time range; with `linker` (a TraceLinker) every sample carries the span active on its thread
+then (a wait: at its midpoint; its thread cannot start or end a span while it is blocked).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from agent.aggregate import thread_labels
+from agent.model import Frame, Labels, Profile, Stack, make_labels
+from agent.reasons import MARKER_FRAMES, REASONS, WAIT_TYPE, classify
+from probes.records import ProbeData
+
+#: python_stack(record, tid, start_ns, end_ns) -> the Python frames of that record
+PythonStack = Callable[[object, int, int, int], Stack]
+
+
+#: CPU of a span in which no sample fell (a span shorter than the sampling gap)
+BETWEEN_SAMPLES: Stack = (Frame("[CPU between samples]"),)
+#: a sample of a thread running no Python code (interpreter start-up or shutdown, C threads)
+NO_PYTHON_FRAME: Stack = (Frame("[no Python frame]"),)
+
+
+def kernel_python_stack(record, _tid: int, _start: int, _end: int) -> Stack:
+    """The Python stack the kernel read at the moment of the record."""
+    return record.pystack
+
+
+@dataclass
+class WaitSummary:
+    """Totals the attach summary prints: ns per reason, bytes, connects, counters."""
+
+    off_cpu_ns: dict[str, int] = field(default_factory=lambda: {r: 0 for r in REASONS})
+    cpu_ns: int = 0
+    lock_ns: int = 0
+    gil_ns: int = 0
+    io_bytes: int = 0
+    io_requests: int = 0
+    net_send: int = 0
+    net_recv: int = 0
+    retransmits: int = 0
+    connects: list[int] = field(default_factory=list)
+
+
+def prorated(value: int, start: int, end: int, lo: int, hi: int) -> int:
+    """The part of `value`, spread evenly over [start, end], that falls in [lo, hi)."""
+    if end <= start:
+        return value if lo <= start < hi else 0
+    overlap = min(end, hi) - max(start, lo)
+    if overlap <= 0:
+        return 0
+    return value if overlap >= end - start else round(value * overlap / (end - start))
+
+
+def add_records(profile: Profile, pid: int, data: ProbeData, *, python_stack: PythonStack,
+                window: tuple[int, int] | None = None, linker=None,
+                thread_names: dict[int, str] | None = None, cpu=None,
+                retransmit_stack: Callable[[int, int], Stack] | None = None) -> WaitSummary:
+    """Add every record of `pid` in `data` to `profile` (only the sample types it has).
+
+    With `cpu` (a CpuTimeline with the exact on-CPU time of each thread, from the sched probe),
+    CPU samples carry exact CPU time instead of one period each: see `_weighted_samples`."""
+    lo, hi = window if window else (-(1 << 62), 1 << 62)
+    names = thread_names or {}
+    gil = data.gil_ranges.get(pid)
+    want = {t.name for t in profile.sample_types}
+    summary = WaitSummary()
+    label_cache: dict[tuple, Labels] = {}
+
+    def labels(tid: int, start: int, end: int | None = None, **extra: str) -> Labels:
+        span = linker.event_labels(pid, tid, start, end) if linker is not None else ()
+        key = (tid, span, tuple(sorted(extra.items())))
+        lab = label_cache.get(key)
+        if lab is None:
+            lab = label_cache[key] = thread_labels(pid, tid, names.get(tid, ""),
+                                                   make_labels(list(extra.items()) + list(span)))
+        return lab
+
+    if data.samples and ("cpu" in want or "wall" in want):
+        for s, lab, ns in _weighted_samples(pid, data.samples, cpu, lo, hi, linker, labels):
+            summary.cpu_ns += ns
+            values = {}
+            if "cpu" in want:
+                values["cpu"] = ns
+            if "wall" in want:
+                values["wall"] = ns
+            stack = (s.kstack + python_stack(s, s.tid, s.t_ns, s.t_ns)) if s is not None \
+                else BETWEEN_SAMPLES
+            if not stack:  # a thread with an interpreter state but no Python frame running
+                stack = NO_PYTHON_FRAME
+            profile.add(stack, lab, values)
+
+    def add_wait(w, a: int, b: int, total: int) -> None:
+        stack_py = python_stack(w, w.tid, a, b)
+        reason = classify(w if w.pystack or not stack_py else w._replace(pystack=stack_py), gil)
+        summary.off_cpu_ns[reason] += total
+        if reason == "lock":
+            summary.lock_ns += total
+        elif reason == "gil":
+            summary.gil_ns += total
+        values = {}
+        if "off_cpu" in want:
+            values["off_cpu"] = total
+        if "wall" in want:
+            values["wall"] = total
+        t = WAIT_TYPE.get(reason)
+        if t in want:
+            values[t] = total
+        if values:
+            stack = MARKER_FRAMES[reason] + w.kstack + stack_py
+            profile.add(stack, labels(w.tid, a, b, reason=reason), values)
+
+    for r in (*data.runs, *data.open_waits):
+        if r.tgid != pid or r.off_end_ns is None:
+            continue
+        dur = min(r.off_end_ns, hi) - max(r.run_end_ns, lo)
+        if dur > 0:
+            add_wait(r, r.run_end_ns, r.off_end_ns, dur)
+
+    for w in data.short_waits:
+        if w.tgid != pid:
+            continue
+        total = prorated(w.total_ns, w.start_ns, w.end_ns, lo, hi)
+        if total > 0:
+            add_wait(w, w.start_ns, w.end_ns, total)
+
+    for io in data.io:
+        # Discards free blocks and flushes carry no data: neither is bytes moved.
+        if io.tgid != pid or not lo <= io.start_ns < hi or io.op not in ("read", "write"):
+            continue
+        summary.io_bytes += io.bytes
+        summary.io_requests += 1
+        if "io" in want and io.bytes:
+            stack = (Frame(f"[io {io.op}]"),) + python_stack(io, io.tid, io.start_ns, io.start_ns)
+            profile.add(stack, labels(io.tid, io.start_ns, device=io.dev), {"io": io.bytes})
+
+    for n in data.net:
+        if n.tgid == pid and n.kind == "connect" and lo <= n.end_ns < hi:
+            summary.connects.append(n.end_ns - n.start_ns)
+
+    for nb in data.net_bytes:
+        if nb.tgid != pid:
+            continue
+        v = prorated(nb.bytes, nb.start_ns, nb.end_ns, lo, hi)
+        if v <= 0:
+            continue
+        if nb.direction == "send":
+            summary.net_send += v
+        else:
+            summary.net_recv += v
+        t = "net_send" if nb.direction == "send" else "net_recv"
+        if t in want:
+            stack = (Frame(f"[tcp {nb.direction}]"),) + python_stack(nb, nb.tid, nb.end_ns,
+                                                                     nb.end_ns)
+            profile.add(stack, labels(nb.tid, nb.end_ns), {t: v})
+
+    for b in data.buckets:
+        if b.tgid != pid or b.kind != "retransmit":
+            continue
+        v = prorated(b.value, b.start_ns, b.start_ns + b.width_ns, lo, hi)
+        if v <= 0:
+            continue
+        summary.retransmits += v
+        if "tcp_retransmits" in want:
+            mid = b.start_ns + b.width_ns // 2
+            # Retransmits run in softirq: no stack of the moment, only the socket's thread.
+            stack_py = retransmit_stack(b.tid, mid) if retransmit_stack else ()
+            profile.add((Frame("[tcp retransmit]"),) + stack_py, labels(b.tid, mid),
+                        {"tcp_retransmits": v})
+    return summary
+
+
+def _weighted_samples(pid: int, samples, cpu, lo: int, hi: int, linker, labels):
+    """(sample or None, labels, ns) for the CPU samples of `pid` in [lo, hi).
+
+    Without an exact CPU timeline, each sample is worth its sampling period. With one, each
+    thread's exact CPU time is cut at its samples and at its span boundaries, and every piece goes
+    to a sample in the same span: the next one (the code the thread was running when it was
+    sampled had been running since the previous sample, as far as anyone knows), else the
+    previous one; a span in which no sample fell keeps its CPU on a marker stack. So per-thread
+    and per-span CPU are exact, and within a span each function carries the time of the samples
+    that saw it.
+    """
+    by_tid: dict[int, list] = {}
+    for s in samples:
+        if s.tgid == pid and lo <= s.t_ns < hi:
+            by_tid.setdefault(s.tid, []).append(s)
+    for tid, ss in by_tid.items():
+        ss.sort(key=lambda s: s.t_ns)
+        if cpu is None or not cpu.seen(tid):
+            for s in ss:
+                yield s, labels(tid, s.t_ns), s.period_ns
+            continue
+        cuts = {lo, hi, *(s.t_ns for s in ss)}
+        if linker is not None:
+            cuts.update(t for t in linker.boundaries(pid, tid, lo, hi) if lo < t < hi)
+        points = sorted(cuts)
+        times = [s.t_ns for s in ss]
+        acc: dict[int, int] = {}          # sample index -> ns
+        orphans: dict[tuple, int] = {}    # span labels -> ns with no sample in that span
+        j = 0
+        for a, b in zip(points, points[1:]):
+            ns = cpu.oncpu_ns(tid, a, b)
+            if ns <= 0:
+                continue
+            while j < len(times) and times[j] < b:
+                j += 1
+            lab = labels(tid, (a + b) // 2)
+            if j < len(times) and labels(tid, times[j]) == lab:
+                acc[j] = acc.get(j, 0) + ns
+            elif j > 0 and labels(tid, times[j - 1]) == lab:
+                acc[j - 1] = acc.get(j - 1, 0) + ns
+            else:
+                orphans[lab] = orphans.get(lab, 0) + ns
+        for i, ns in acc.items():
+            yield ss[i], labels(tid, ss[i].t_ns), ns
+        for lab, ns in orphans.items():
+            yield None, lab, ns

@@ -1,0 +1,309 @@
+"""Turning the kernel's records (probes/events.h) into typed records with symbolised stacks.
+
+Python frames arrive as (code object address, instruction, check) and are symbolised on first
+sight, while the process is alive (probes/pysymbols.py), per process; a whole stack is cached by
+its raw bytes, so a stack seen again costs one dictionary lookup. Kernel stacks come from the
+`kstacks` map, without the profiler's own frames (bpf_prog_*, bpf_trace_run*, __traceiter_*) and
+without the scheduler's frames at their top, which say nothing about why a thread waits.
+
+Not thread-safe: the probe session calls it under its lock.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections import Counter
+
+from agent.model import Frame, Stack
+from probes.records import (PY_ERRORS, Bucket, IoRequest, NetBytes, NetEvent, ProbeData, Run,
+                            Sample, ShortWaits)
+
+HDR = struct.Struct("<HHIIiQQQQQQIIHBBIQ")
+FRAME = struct.Struct("<QII")
+_NET_FMT = struct.Struct("<IIQQIHH16s")
+EV_SAMPLE, EV_WAIT, EV_WAIT_AGG, EV_EXIT, EV_IO, EV_NET, EV_THREAD = range(1, 8)
+_NET_EVENTS = {1: "connect", 2: "close"}
+_NET_KINDS = {3: "retransmit"}
+#: kernel frames that say nothing about why a thread waits
+SCHED_FRAMES = frozenset(("schedule", "__schedule", "schedule_idle", "preempt_schedule",
+                          "preempt_schedule_common", "__cond_resched", "schedule_preempt_disabled",
+                          "schedule_hrtimeout_range", "schedule_hrtimeout_range_clock",
+                          "schedule_timeout"))
+#: the profiler's own frames: never shown
+_OWN_PREFIXES = ("bpf_", "__bpf_", "__traceiter_", "trace_call_bpf", "perf_trace_",
+                 "__perf_event_overflow", "perf_event_overflow", "perf_swevent_",
+                 "__perf_sw_event", "___perf_sw_event")
+MAX_STACKS_PER_PROCESS = 50_000
+TRUNCATED = Frame("[truncated]")
+UNKNOWN_CODE = Frame("[unknown code object]")
+
+
+class Clock:
+    """bpf_ktime_get_ns() is CLOCK_MONOTONIC; everything else is CLOCK_REALTIME. One offset,
+    measured once: the one clock conversion of the pipeline."""
+
+    def __init__(self) -> None:
+        best = None
+        for _ in range(5):
+            r0 = time.time_ns()
+            m = time.monotonic_ns()
+            r1 = time.time_ns()
+            if best is None or r1 - r0 < best[0]:
+                best = (r1 - r0, (r0 + r1) // 2 - m)
+        self.offset_ns = best[1]
+
+    def real(self, mono_ns: int) -> int:
+        return mono_ns + self.offset_ns
+
+
+class Decoder:
+    def __init__(self, bpf, clock: Clock) -> None:
+        self.bpf = bpf
+        self.clock = clock
+        self.by_tgid: dict[int, ProbeData] = {}
+        self.gil_ranges: dict[int, tuple[int, int]] = {}
+        self.dropped = 0
+        self.py_errors: Counter[str] = Counter()
+        self.unknown_code = 0
+        self._symbolizers: dict[int, object] = {}
+        self._stacks: dict[int, dict[bytes, Stack]] = {}
+        self._kstacks: dict[int, Stack] = {}
+        self._ksyms: dict[int, Frame] = {}
+        self._seeds: dict[tuple[int, int], Stack] = {}
+
+    # -- processes ------------------------------------------------------------------------------
+    def add_process(self, proc) -> None:
+        from probes.pysymbols import Symbolizer
+
+        old = self._symbolizers.pop(proc.pid, None)
+        if old is not None:
+            old.close()
+        self._symbolizers[proc.pid] = Symbolizer(proc)
+        self._stacks[proc.pid] = {}
+
+    def remove_process(self, pid: int) -> None:
+        sym = self._symbolizers.pop(pid, None)
+        if sym is not None:
+            sym.close()
+        self._stacks.pop(pid, None)
+
+    def close(self) -> None:
+        for sym in self._symbolizers.values():
+            sym.close()
+        self._symbolizers.clear()
+
+    def seed_kstack(self, tid: int, mono_ns: int, frames: Stack) -> None:
+        """The kernel stack of a thread that was already waiting when we began to watch it."""
+        if frames:
+            self._seeds[(tid, mono_ns)] = frames
+
+    def per(self, tgid: int) -> ProbeData:
+        pd = self.by_tgid.get(tgid)
+        if pd is None:
+            pd = self.by_tgid[tgid] = ProbeData()
+        return pd
+
+    # -- records --------------------------------------------------------------------------------
+    def decode(self, raw: list[bytes], raw_net: list[bytes], also: ProbeData | None) -> None:
+        """Decode ring buffer records into per-process ProbeData (and into `also`, if given)."""
+        off = self.clock.offset_ns
+        kstack, pystack, per = self._kstack, self._pystack, self.per
+        unpack = HDR.unpack_from
+        for rec in raw:
+            if len(rec) < HDR.size:
+                self.dropped += 1
+                continue
+            (kind, _cpu, tgid, tid, ks, t0, t1, value, aux, rs, so, state, count, depth, trunc,
+             err, _h, _task) = unpack(rec)
+            pd = per(tgid)
+            py = pystack(tgid, rec, depth, trunc, err)
+            if kind == EV_SAMPLE:
+                x = Sample(tgid, tid, t0 + off, value, kstack(ks), py)
+                pd.samples.append(x)
+                if also is not None:
+                    also.samples.append(x)
+            elif kind == EV_WAIT:
+                k = kstack(ks) if ks >= 0 else self._seeds.pop((tid, t0), ())
+                x = Run(tgid, tid, rs + off if rs else None, t0 + off, t1 + off, so, state, k,
+                        aux, py)
+                pd.runs.append(x)
+                if also is not None:
+                    also.runs.append(x)
+            elif kind == EV_WAIT_AGG:
+                x = ShortWaits(tgid, tid, t0 + off, t1 + off, value, count, state, kstack(ks),
+                               aux, py)
+                pd.short_waits.append(x)
+                if also is not None:
+                    also.short_waits.append(x)
+            elif kind == EV_EXIT:
+                x = Run(tgid, tid, rs + off if rs else None, t0 + off, None, so, 0, (), 0, ())
+                pd.runs.append(x)
+                if also is not None:
+                    also.runs.append(x)
+            elif kind == EV_IO:
+                rwbs = aux.to_bytes(8, "little").split(b"\0", 1)[0].decode("ascii", "replace")
+                op = ("discard" if "D" in rwbs else "write" if "W" in rwbs else
+                      "read" if "R" in rwbs else "other")
+                x = IoRequest(tgid, tid, t0 + off, t0 + off, value,
+                              f"{state >> 20}:{state & 0xFFFFF}", op, rwbs, py)
+                pd.io.append(x)
+                if also is not None:
+                    also.io.append(x)
+            elif kind == EV_NET:
+                x = NetBytes(tgid, tid, t0 + off, t1 + off, "send" if state == 1 else "recv",
+                             value, py)
+                pd.net_bytes.append(x)
+                if also is not None:
+                    also.net_bytes.append(x)
+            elif kind == EV_THREAD:
+                pd.new_threads[tid] = t0 + off
+                if also is not None:
+                    also.new_threads[tid] = t0 + off
+        for rec in raw_net:
+            if len(rec) < _NET_FMT.size:
+                continue
+            (tgid, tid, s, e, kind, dport, fam, addr) = _NET_FMT.unpack_from(rec)
+            x = NetEvent(tgid, tid, s + off, e + off, _NET_EVENTS.get(kind, "?"), dport,
+                         _addr(fam, addr))
+            per(tgid).net.append(x)
+            if also is not None:
+                also.net.append(x)
+
+    def drain_buckets(self, table, also: ProbeData | None) -> None:
+        real, width = self.clock.real, 10_000_000
+        for k, v in table.items_lookup_and_delete_batch():
+            bk = Bucket("net", k.tgid, k.tid, real(k.bucket * width), width,
+                        _NET_KINDS.get(k.kind, "?"), v.value, v.count)
+            self.per(k.tgid).buckets.append(bk)
+            if also is not None:
+                also.buckets.append(bk)
+
+    def open_wait(self, tgid: int, tid: int, state, slot: bytes, now_real: int) -> Run | None:
+        """A wait still going on (the thread is off CPU since state.off_start), with the stack
+        in its slot, as a Run ending at `now_real`."""
+        if not state.off_start or len(slot) < HDR.size:
+            return None
+        (_kind, _cpu, _tgid, _tid, ks, _t0, _t1, _v, _aux, _rs, _so, _st, _c, depth, trunc, err,
+         _h, _task) = HDR.unpack_from(slot)
+        off = self.clock.offset_ns
+        k = self._kstack(state.kstack) if state.kstack >= 0 else self._seeds.get(
+            (tid, state.off_start), ())
+        return Run(tgid, tid, state.run_start + off if state.run_start else None,
+                   state.off_start + off, now_real, state.short_off, state.state, k,
+                   state.futex_uaddr, self._pystack(tgid, slot, depth, trunc, err))
+
+    # -- stacks ---------------------------------------------------------------------------------
+    def _pystack(self, tgid: int, rec: bytes, depth: int, trunc: int, err: int) -> Stack:
+        if not depth:
+            if err == 0 or err == 1:  # no Python frame, or a process py-spy does
+                return ()
+            self.py_errors[PY_ERRORS.get(err, str(err))] += 1
+            if err == 3:
+                return (Frame("[no Python thread state]"),)
+            return (Frame(f"[Python stack unreadable: {PY_ERRORS.get(err, err)}]"),)
+        cache = self._stacks.get(tgid)
+        if cache is None:
+            return ()
+        key = rec[HDR.size:HDR.size + FRAME.size * depth] + bytes((trunc, err))
+        got = cache.get(key)
+        if got is not None:
+            return got
+        sym = self._symbolizers.get(tgid)
+        if sym is None:
+            return ()
+        frames = []
+        for code, instr, check in FRAME.iter_unpack(key[:-2]):
+            f = sym.frame(code, check, instr)
+            if f is None:
+                self.unknown_code += 1
+                f = UNKNOWN_CODE
+            frames.append(f)
+        if trunc:
+            frames.append(TRUNCATED)
+        if err:
+            self.py_errors[PY_ERRORS.get(err, str(err))] += 1
+            frames.append(Frame(f"[partial stack: {PY_ERRORS.get(err, err)}]"))
+        out = tuple(frames)
+        if len(cache) >= MAX_STACKS_PER_PROCESS:
+            cache.clear()
+        cache[key] = out
+        return out
+
+    def _kstack(self, stack_id: int) -> Stack:
+        if stack_id < 0:
+            return ()
+        cached = self._kstacks.get(stack_id)
+        if cached is not None:
+            return cached
+        frames = []
+        try:
+            for addr in self.bpf[b"kstacks"].walk(stack_id):
+                f = self._ksyms.get(addr)
+                if f is None:
+                    name = self.bpf.ksym(addr).decode("utf-8", "replace")
+                    f = self._ksyms[addr] = Frame(name, "[kernel]", 0)
+                if f.name.startswith(_OWN_PREFIXES) or (not frames and f.name in SCHED_FRAMES):
+                    continue
+                frames.append(f)
+        except KeyError:
+            return ()
+        out = self._kstacks[stack_id] = tuple(frames[:32])
+        if len(self._kstacks) > 100_000:
+            self._kstacks.clear()
+        return out
+
+    # -- windows --------------------------------------------------------------------------------
+    def window(self, pid: int, start_ns: int, end_ns: int) -> ProbeData:
+        d = self.by_tgid.get(pid) or ProbeData()
+        return ProbeData(
+            runs=[r for r in d.runs if (r.off_end_ns or r.run_end_ns) >= start_ns
+                  and (r.run_start_ns or r.run_end_ns) < end_ns],
+            samples=[s for s in d.samples if start_ns <= s.t_ns < end_ns],
+            short_waits=[w for w in d.short_waits if w.end_ns >= start_ns and w.start_ns < end_ns],
+            io=[x for x in d.io if start_ns <= x.start_ns < end_ns],
+            net=[x for x in d.net if x.end_ns >= start_ns and x.start_ns < end_ns],
+            net_bytes=[x for x in d.net_bytes if x.end_ns >= start_ns and x.start_ns < end_ns],
+            buckets=[b for b in d.buckets if b.start_ns + b.width_ns > start_ns
+                     and b.start_ns < end_ns],
+            new_threads={t: ns for t, ns in d.new_threads.items() if ns < end_ns},
+            start_ns=start_ns, end_ns=end_ns)
+
+    def prune(self, before_ns: int, targets: set[int]) -> int:
+        n = 0
+        for tgid in list(self.by_tgid):
+            d = self.by_tgid[tgid]
+            n0 = (len(d.runs) + len(d.samples) + len(d.short_waits) + len(d.io) + len(d.net)
+                  + len(d.net_bytes) + len(d.buckets))
+            d.runs = [r for r in d.runs if (r.off_end_ns or r.run_end_ns) >= before_ns]
+            d.samples = [s for s in d.samples if s.t_ns >= before_ns]
+            d.short_waits = [w for w in d.short_waits if w.end_ns >= before_ns]
+            d.io = [x for x in d.io if x.end_ns >= before_ns]
+            d.net = [x for x in d.net if x.end_ns >= before_ns]
+            d.net_bytes = [x for x in d.net_bytes if x.end_ns >= before_ns]
+            d.buckets = [b for b in d.buckets if b.start_ns + b.width_ns >= before_ns]
+            d.new_threads = {t: ns for t, ns in d.new_threads.items() if ns >= before_ns}
+            n += n0 - (len(d.runs) + len(d.samples) + len(d.short_waits) + len(d.io)
+                       + len(d.net) + len(d.net_bytes) + len(d.buckets))
+            if tgid not in targets and not d.runs and not d.samples:
+                del self.by_tgid[tgid]
+        return n
+
+    def counters(self) -> dict[str, int]:
+        out = {"records_dropped": self.dropped, "unknown_code_objects": self.unknown_code}
+        for name, n in self.py_errors.items():
+            out[f"python_stack_error_{name}"] = n
+        for pid, sym in self._symbolizers.items():
+            for k in ("errors", "reused"):
+                out[f"symbolizer_{k}"] = out.get(f"symbolizer_{k}", 0) + getattr(sym, k, 0)
+        return out
+
+
+def _addr(family: int, raw: bytes) -> str:
+    try:
+        if family == socket.AF_INET:
+            return socket.inet_ntop(socket.AF_INET, raw[:4])
+        return socket.inet_ntop(socket.AF_INET6, raw[:16])
+    except (OSError, ValueError):
+        return ""

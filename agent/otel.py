@@ -4,7 +4,8 @@
     provider.add_span_processor(SpanflameSpanProcessor())
 
 Every span gets `spanflame.pid` and `spanflame.tid` (the OS thread id, `threading.get_native_id()`,
-the id py-spy and the kernel use) and `thread.name`, so that the spanflame agent can put each
+the id py-spy and the kernel use), `spanflame.pid_ns` (the app's PID namespace, so that an agent
+outside a container can translate those ids) and `thread.name`, so that the spanflame agent can put each
 sample on the span that was running on its thread, and `spanflame.span_id` (its own span id in
 hex), which tracing UIs that can only template links from tags (Jaeger) use for deep links. A local root span also gets
 `pyroscope.profile.id` (its span id), which Grafana's "Profiles for this span" looks for.
@@ -28,13 +29,29 @@ ATTR_TID = "spanflame.tid"
 ATTR_THREAD_NAME = "thread.name"
 ATTR_PROFILE_ID = "pyroscope.profile.id"
 ATTR_SPAN_ID = "spanflame.span_id"
+ATTR_PID_NS = "spanflame.pid_ns"
+_ns_of_pid: list = [0, 0]  # [pid, namespace inode] (re-read after a fork)
+
+
+def _pid_ns(pid: int) -> int:
+    if _ns_of_pid[0] != pid:
+        try:
+            ns = os.stat("/proc/self/ns/pid").st_ino
+        except OSError:
+            ns = 0
+        _ns_of_pid[:] = [pid, ns]
+    return _ns_of_pid[1]
 
 
 class SpanflameSpanProcessor(SpanProcessor):
     """Records where each span runs. Thread-safe; never blocks; costs a few attribute sets."""
 
     def on_start(self, span: Span, parent_context=None) -> None:
-        span.set_attribute(ATTR_PID, os.getpid())
+        pid = os.getpid()
+        span.set_attribute(ATTR_PID, pid)
+        ns = _pid_ns(pid)
+        if ns:
+            span.set_attribute(ATTR_PID_NS, ns)
         span.set_attribute(ATTR_TID, threading.get_native_id())
         span.set_attribute(ATTR_THREAD_NAME, threading.current_thread().name)
         span.set_attribute(ATTR_SPAN_ID, format(span.context.span_id, "016x"))

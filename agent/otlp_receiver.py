@@ -92,8 +92,13 @@ class OtlpReceiver:
     """The /v1/traces endpoint. `metrics` (agent.metrics.Metrics) counts requests and spans."""
 
     def __init__(self, store: SpanStore, *, forwarder=None, metrics=None,
-                 max_body: int = MAX_BODY, max_decoded: int = MAX_DECODED) -> None:
+                 max_body: int = MAX_BODY, max_decoded: int = MAX_DECODED,
+                 pidns=None) -> None:
+        from agent.pidns import PidNamespaces
+
         self.store = store
+        #: ids from an app's own PID namespace to the host's (agent/pidns.py)
+        self.pidns = pidns if pidns is not None else PidNamespaces()
         self.forwarder = forwarder
         self.metrics = metrics
         self.max_body = max_body
@@ -126,7 +131,7 @@ class OtlpReceiver:
             self._count(f"rejected_{exc.status}")
             log.info("OTLP request refused: %s", exc.message)
             return _error(exc.status, exc.message, reply_type)
-        spans, rejected = from_otlp(req)
+        spans, rejected = from_otlp(req, self.pidns.to_host)
         self.store.add(spans)
         if self.forwarder is not None:
             self.forwarder.submit(body, raw_type, request.headers.get("content-encoding"))

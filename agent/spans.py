@@ -17,6 +17,7 @@ from typing import Iterable, Iterator
 #: Span attributes set by SpanflameSpanProcessor.
 ATTR_PID = "spanflame.pid"
 ATTR_TID = "spanflame.tid"
+ATTR_PID_NS = "spanflame.pid_ns"
 ATTR_THREAD_NAME = "thread.name"
 #: Bounds on untrusted span data.
 MAX_NAME = 256
@@ -70,8 +71,11 @@ class InvalidSpan(ValueError):
     pass
 
 
-def from_otlp(request) -> tuple[list[SpanRecord], list[str]]:
-    """SpanRecords from an ExportTraceServiceRequest, plus one reason per rejected span."""
+def from_otlp(request, to_host=None) -> tuple[list[SpanRecord], list[str]]:
+    """SpanRecords from an ExportTraceServiceRequest, plus one reason per rejected span.
+
+    `to_host(ns, pid, tid)` (agent/pidns.py) turns ids the app saw in its own PID namespace into
+    the host's; a span whose process is not visible here keeps no ids (unlinkable)."""
     out: list[SpanRecord] = []
     rejected: list[str] = []
     for rs in request.resource_spans:
@@ -81,13 +85,13 @@ def from_otlp(request) -> tuple[list[SpanRecord], list[str]]:
         for ss in rs.scope_spans:
             for sp in ss.spans:
                 try:
-                    out.append(_span(sp, service, res_pid))
+                    out.append(_span(sp, service, res_pid, to_host))
                 except InvalidSpan as exc:
                     rejected.append(str(exc))
     return out, rejected
 
 
-def _span(sp, service: str, res_pid) -> SpanRecord:
+def _span(sp, service: str, res_pid, to_host=None) -> SpanRecord:
     if len(sp.trace_id) != 16 or not any(sp.trace_id):
         raise InvalidSpan("span with an invalid trace_id (must be 16 non-zero bytes)")
     if len(sp.span_id) != 8 or not any(sp.span_id):
@@ -98,15 +102,22 @@ def _span(sp, service: str, res_pid) -> SpanRecord:
         raise InvalidSpan("span that ends before it starts")
     attrs = {}
     pid = res_pid if isinstance(res_pid, int) else 0
-    tid = 0
+    tid = ns = 0
     for kv in sp.attributes:
         val = _any_value(kv.value)
         if kv.key == ATTR_PID and isinstance(val, int):
             pid = val
         elif kv.key == ATTR_TID and isinstance(val, int):
             tid = val
+        elif kv.key == ATTR_PID_NS and isinstance(val, int):
+            ns = val
         elif len(attrs) < MAX_ATTRS and val is not None:
             attrs[_clip(kv.key, 64)] = _clip(str(val), MAX_ATTR_VALUE)
+    if not 0 <= pid < 1 << 32 or not 0 <= tid < 1 << 32:
+        pid = tid = 0
+    if to_host is not None and ns and pid:
+        host = to_host(ns, pid, tid)
+        pid, tid = host if host is not None else (0, 0)
     flags = sp.flags
     # Names and services repeat across spans: one copy each (memory per span held matters).
     return SpanRecord(

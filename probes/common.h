@@ -4,8 +4,7 @@
  * tgid & 0xffff is checked first: an array lookup is far cheaper than a hash lookup, and most
  * events on a host come from processes we do not profile. The agent's own tgid never matches.
  */
-#include <uapi/linux/ptrace.h>
-#include <linux/sched.h>
+/* no kernel headers beyond what bcc itself includes: each costs compile time */
 
 #ifndef MAX_TARGETS
 #define MAX_TARGETS 1024

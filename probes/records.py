@@ -92,16 +92,6 @@ class NetBytes(NamedTuple):
     pystack: Stack
 
 
-class LockWait(NamedTuple):
-    tgid: int
-    tid: int
-    start_ns: int
-    end_ns: int
-    addr: int
-    kind: str          # "futex" | "gil" | "klock"
-    ustack: Stack
-
-
 class IoRequest(NamedTuple):
     tgid: int
     tid: int
@@ -144,7 +134,6 @@ class ProbeData:
     runs: list[Run] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     short_waits: list[ShortWaits] = field(default_factory=list)
-    lock_waits: list[LockWait] = field(default_factory=list)
     io: list[IoRequest] = field(default_factory=list)
     net: list[NetEvent] = field(default_factory=list)
     net_bytes: list[NetBytes] = field(default_factory=list)

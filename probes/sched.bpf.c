@@ -48,10 +48,15 @@ struct tstate {
     u32 tgid;
     u32 state;
     s32 kstack;
-    u32 agg_count;      /* short blocked waits added up since agg_first */
+    u32 agg_count;      /* short blocked waits added up since agg_first, all in one place: */
     u64 agg_ns;
     u64 agg_first;
     u64 agg_last;
+    u64 agg_futex;      /* ... this futex, */
+    s32 agg_kstack;     /* ... kernel stack, */
+    u32 agg_state;      /* ... task state */
+    u32 agg_hash;       /* ... and the Python stack in the slot (its hash) */
+    u32 pad2;
     u64 net_first;      /* when the bytes in net_bytes began to add up */
     u64 net_bytes[2];   /* TCP bytes sent, received since the last EV_NET record */
 };
@@ -89,7 +94,9 @@ static __always_inline void flush_agg(u32 tid, struct tstate *s, struct sf_recor
     slot->ev.count = s->agg_count;
     slot->ev.run_start = 0;
     slot->ev.short_off = 0;
-    /* kstack, aux (futex) and state are those of the blocking place, kept in the slot */
+    slot->ev.kstack = s->agg_kstack;
+    slot->ev.aux = s->agg_futex;
+    slot->ev.state = s->agg_state;
     emit(slot);
     s->agg_count = 0;
     s->agg_ns = 0;
@@ -123,8 +130,13 @@ static __always_inline void came_back(u32 tid, struct tstate *s, struct sf_recor
         s->short_off += gap;
         if (slot && (s->state == 1 || s->state == 2)) {
             count(C_SHORT_WAITS);
-            if (!s->agg_count)
+            if (!s->agg_count) {
                 s->agg_first = s->off_start;
+                s->agg_kstack = s->kstack;
+                s->agg_futex = s->futex_uaddr;
+                s->agg_state = s->state;
+                s->agg_hash = slot->ev.py.hash;
+            }
             s->agg_count++;
             s->agg_ns += gap;
             s->agg_last = on_at;
@@ -192,8 +204,13 @@ RAW_TRACEPOINT_PROBE(sched_switch)
     u32 depth = py_walk(tgid, SCRATCH_IRQ, &r->ev.py, r->frames);
     int same_stack = r->ev.py.hash == slot->ev.py.hash && depth == slot->ev.py.depth &&
                      r->ev.py.err == slot->ev.py.err;
-    int same_place = same_stack && s->kstack == slot->ev.kstack &&
-                     s->futex_uaddr == slot->ev.aux && st == slot->ev.state;
+    /* Short waits add up while the thread blocks in one place (Python stack, futex, state; the
+     * kernel stack id is left out: the scheduler's own frames at its top vary from one block
+     * to the next on the same path, and the first wait's kernel stack stands for the rest). A
+     * switch while runnable (preempted, or woken before it got off the CPU: state 0) adds
+     * nothing and ends the stretch only if it moves the stack. */
+    int same_place = same_stack && (st == ST_PREEMPTED || st == 0 ||
+                                    (s->futex_uaddr == s->agg_futex && st == s->agg_state));
     if (s->agg_count && !same_place)
         flush_agg(tid, s, slot);
     if (!same_stack) {

@@ -117,10 +117,11 @@ def test_slow_span_list_shows_each_slow_span_with_its_dominant_cause(page, shop)
         checked = [(c, p) for c, p in checked if p is not None]
         assert len(checked) >= 5, (name, "too few spans with a clear ground truth", causes)
         right = [c for c, p in checked if re.match(p, c)]
-        assert len(right) >= 0.8 * len(checked), (name, checked)
+        assert len(right) >= 0.95 * len(checked), (name, checked)
         # Every bar agrees with its cause: its widest segment is the cause's category.
         words = {"on CPU": "cpu", "waiting on a lock": "lock", "waiting on disk IO": "io",
-                 "waiting for the GIL": "gil", "off CPU": "other", "in child spans": "children",
+                 "waiting for the GIL": "gil", "waiting for another thread": "sync",
+                 "off CPU": "other", "in child spans": "children",
                  "unaccounted": "unaccounted"}
         bars = page.eval_on_selector_all(
             "tr.sf-span-row", "rows => rows.map(r => [r.querySelector('.sf-cause').textContent,"
@@ -169,8 +170,11 @@ def test_deep_link_opens_the_span_flame_graph(page, shop):
     # type= picks the sample type; the switch to descendants of the root shows every child.
     # Off-CPU: every child waits on every request (the lock, the disk), unlike its CPU, which
     # for the O_DIRECT writes is a couple of milliseconds that a 100 Hz sampler may not catch.
-    root = s["parent_span_id"]
-    open_page(page, f"{shop['url']}/flamegraph?trace_id={s['trace_id']}&span_id={root}"
+    # A request whose save_order did wait on the lock (the janitor sometimes misses a turn).
+    saved = next(x for x in spans(shop["url"], name="save_order")
+                 if x["breakdown"] and re.match(EXPECTED["save_order"], x["breakdown"]["cause"]))
+    root = saved["parent_span_id"]
+    open_page(page, f"{shop['url']}/flamegraph?trace_id={saved['trace_id']}&span_id={root}"
                     "&descendants=1&type=off_cpu")
     assert page.evaluate("window.flamegraph.type.name") == "off_cpu"
     for fn in ("Repo.save", "write_report"):
@@ -210,7 +214,7 @@ def test_hostile_names_render_as_text(page, shop):
     assert set(page.locator("a.sf-span-link").all_inner_texts()) == {HOSTILE_SPAN}
     causes = page.locator("tr.sf-span-row .sf-cause").all_inner_texts()
     usual = [i for i, c in enumerate(causes) if re.match(r"^\d+% on CPU in burn ", c)]
-    assert len(usual) >= 0.8 * len(causes), causes
+    assert len(usual) >= 0.95 * len(causes), causes
     link = page.locator("tr.sf-span-row").nth(usual[0]).locator("a.sf-span-link")
     assert link.inner_text() == HOSTILE_SPAN
     page.evaluate("document.body.removeAttribute('data-ready')")

@@ -25,15 +25,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_linked(tmp_path, probes="cpu,lock", seconds=6.0, extra=()):
+def run_linked(tmp_path, probes="cpu,lock", seconds=6.0, extra=(), wrap=()):
     port = free_port()
     report, out, spans_json = tmp_path / "truth.json", tmp_path / "p.pb.gz", tmp_path / "spans.json"
-    app = subprocess.Popen([sys.executable, str(PROGRAMS / "otel_app.py"),
+    app = subprocess.Popen([*wrap, sys.executable, str(PROGRAMS / "otel_app.py"),
                             f"http://127.0.0.1:{port}/v1/traces", str(report), "--seconds",
                             str(seconds), *extra],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         pid = json.loads(app.stdout.readline())["pid"]
+        if wrap:  # the app reported its pid in its own namespace: find it on the host
+            import psutil
+            pid = next(c.pid for c in psutil.Process(app.pid).children(recursive=True)
+                       if "otel_app.py" in " ".join(c.cmdline()))
         cli = subprocess.Popen([str(SPANFLAME), "attach", str(pid), "--probes", probes,
                                 "--duration", "120", "--otlp-listen", f"127.0.0.1:{port}",
                                 "--span-wait", "3", "-o", str(out), "--spans-output",
@@ -65,6 +69,21 @@ def linked(tmp_path_factory):
     if not is_root():
         pytest.skip("the lock probe needs root")
     return run_linked(tmp_path_factory.mktemp("spans"))
+
+
+def test_an_app_in_its_own_pid_namespace_is_linked_by_host_ids(tmp_path):
+    """A container's view: the app's spans carry its namespace's pid and thread ids, the kernel
+    sees host ids; samples still land on the right spans."""
+    if not is_root():
+        pytest.skip("a PID namespace and the probes need root")
+    prof, truth, _spans, _out, stdout = run_linked(
+        tmp_path, wrap=("unshare", "--pid", "--fork", "--mount-proc"))
+    assert "stacks: kernel stack walker" in stdout, stdout
+    for type_name, function, span_name in (("cpu", "crunch_numbers", "cpu_span"),
+                                           ("lock_wait", "wait_on_lock", "locked_op")):
+        good, total = share_with_span(prof, type_name, function, span_name, truth)
+        assert total > 0 and good / total >= 0.95, (type_name, good, total)
+    assert not re.search(r"\d+ without thread ids", stdout), stdout
 
 
 def labels_of(labels):

@@ -432,7 +432,7 @@ def render(input_path: str, output: str, type_name: str | None, tags: tuple[str,
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 def doctor(as_json: bool) -> None:
     """Check what this machine lets spanflame do, with a fix for each failing line."""
-    from agent.doctor import FAIL, as_json as to_json, run_checks
+    from agent.doctor import FAIL, as_json as to_json, run_checks, stack_source
 
     checks = run_checks()
     if as_json:
@@ -444,6 +444,7 @@ def doctor(as_json: bool) -> None:
             click.echo(f"{mark}  {c.name:<{width}}  {c.detail}")
             if c.hint and c.status != "ok":
                 click.echo(f"      {'':<{width}}  hint: {c.hint}")
+        click.echo(stack_source(checks))
     if any(c.status == FAIL for c in checks):
         sys.exit(1)
 

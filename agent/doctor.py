@@ -102,10 +102,46 @@ def check_bpf_syscall() -> Check:
 
 def check_btf() -> Check:
     p = Path("/sys/kernel/btf/vmlinux")
-    if p.exists():
-        return Check("btf", OK, f"{p} present")
-    return Check("btf", WARN, "no kernel BTF", "not needed by spanflame's tracepoint probes; "
-                                               "use a kernel with CONFIG_DEBUG_INFO_BTF=y for CO-RE tools")
+    if not p.exists():
+        return Check("btf", WARN, "no kernel BTF: the kernel stack walker cannot find a thread's "
+                                  "TLS (task_struct.thread.fsbase); py-spy does the stacks",
+                     "use a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+    from probes import btf
+    try:
+        off = btf.member_offset("task_struct", "thread.fsbase")
+    except btf.BtfError as exc:
+        return Check("btf", WARN, f"{p}: {exc}", "the kernel stack walker is off; py-spy does "
+                                                 "the stacks")
+    return Check("btf", OK, f"{p}: task_struct.thread.fsbase at {off}")
+
+
+def check_processes(limit: int = 20) -> Check:
+    """Which stack source each Python process here would get, and why (reading processes needs
+    root, like profiling them)."""
+    from agent.discovery import Discovery
+    from probes.pyprocess import Unsupported, inspect
+
+    try:
+        found = Discovery().scan()
+    except Exception as exc:  # /proc unreadable: say so
+        return Check("python processes", WARN, f"cannot list processes ({exc})")
+    if not found:
+        return Check("python processes", OK, "none running")
+    parts, fallbacks = [], 0
+    for pid, t in sorted(found.items())[:limit]:
+        try:
+            proc = inspect(pid)
+            parts.append(f"{pid} {t.name} {proc.version[0]}.{proc.version[1]}: kernel walker")
+        except Unsupported as exc:
+            fallbacks += 1
+            parts.append(f"{pid} {t.name}: py-spy ({exc.reason})")
+        except Exception as exc:  # gone, or unreadable without root
+            fallbacks += 1
+            parts.append(f"{pid} {t.name}: cannot inspect ({type(exc).__name__}: {exc})")
+    more = f"; and {len(found) - limit} more" if len(found) > limit else ""
+    return Check("python processes", WARN if fallbacks else OK, "; ".join(parts) + more,
+                 "py-spy samples the others: it cannot tell a wait's exact stack; "
+                 "CPython 3.10-3.13 on x86-64 glibc get the kernel walker")
 
 
 def tracefs_root() -> Path | None:
@@ -165,7 +201,7 @@ def check_kernel_headers() -> Check:
 
 def run_checks() -> list[Check]:
     checks = [check_python, check_pyspy, check_ptrace, check_bpf_syscall, check_btf,
-              check_tracefs, check_perf_events, check_bcc, check_kernel_headers]
+              check_tracefs, check_perf_events, check_bcc, check_kernel_headers, check_processes]
     out = []
     for fn in checks:
         try:
@@ -174,6 +210,17 @@ def run_checks() -> list[Check]:
             out.append(Check(fn.__name__.removeprefix("check_").replace("_", " "), FAIL,
                              f"check crashed: {type(exc).__name__}: {exc}"))
     return out
+
+
+def stack_source(checks: list[Check]) -> str:
+    """One line: where Python stacks will come from on this machine."""
+    by = {c.name: c.status for c in checks}
+    need = ("bpf syscall", "btf", "tracefs", "perf events", "bcc", "kernel headers")
+    if all(by.get(n) == OK for n in need):
+        return ("stacks: the kernel walker (eBPF) for CPython 3.10-3.13 on x86-64 glibc, "
+                "every CPU sample and wait on its exact stack; py-spy for other interpreters")
+    off = ", ".join(n for n in need if by.get(n) != OK)
+    return f"stacks: py-spy only (the kernel walker needs: {off})"
 
 
 def as_json(checks: list[Check]) -> list[dict]:

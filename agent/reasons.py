@@ -48,6 +48,12 @@ _SYNC_FRAMES = {
 }
 
 
+# x86-64 system call numbers a thread can block in, where the call says why.
+_SLEEP_SYSCALLS = {35, 230}                  # nanosleep, clock_nanosleep
+_SELECT_SYSCALLS = {23, 270}                 # select, pselect6: with no descriptors, a sleep
+_IO_SYSCALLS = {74, 75, 162, 277, 306}       # fsync, fdatasync, sync, sync_file_range, syncfs
+
+
 def is_sync_wait(pystack: Stack) -> bool:
     """Whether the innermost Python frame is a wait for another thread's signal."""
     for f in pystack:
@@ -68,6 +74,11 @@ def classify(wait, gil_range: tuple[int, int] | None) -> str:
     if not wait.blocked:
         return "runqueue"
     pystack = getattr(wait, "pystack", ())
+    nr = getattr(wait, "syscall", -1)
+    if nr in _SLEEP_SYSCALLS or (nr in _SELECT_SYSCALLS and getattr(wait, "arg0", 1) == 0):
+        return "sleep"  # CPython 3.10's time.sleep is an empty select()
+    if nr in _IO_SYSCALLS:
+        return "io"
     if wait.futex_addr:
         if gil_range and gil_range[0] <= wait.futex_addr < gil_range[1]:
             return "gil"

@@ -335,6 +335,7 @@ class Agent:
                                      f"{why}")
             for name, why in self.probes_off.items():
                 log.warning("probe %s off: %s", name, why)
+                self.metrics.degraded.labels(what=f"probe {name} off").set(1)
         self.kernel_windows = KernelWindows(self, self.opts.window_s).start()
         if self.opts.export_pyroscope:
             from agent.pyroscope_export import PyroscopeExporter
@@ -481,6 +482,9 @@ class Agent:
             counts[source] = counts.get(source, 0) + 1
         for k, v in counts.items():
             self.metrics.sampler_processes.labels(sampler=k).set(v)
+        if self.opts.sampler != "py-spy":
+            self.metrics.degraded.labels(what="stacks from py-spy").set(
+                1 if counts["py-spy"] else 0)
         self.metrics.processes.set(counts["bpf"] + counts["py-spy"])
 
     def _warn_once(self, key: str, msg: str, *args) -> None:
@@ -563,7 +567,10 @@ class Agent:
         pid = job.target.pid
         start, end = job.start_ns, job.end_ns
         service = self.service_name(job.target)
-        labels = {**job.labels, "service_name": service}
+        # Which stack source made it (the --sampler names): kept with the data, so a process
+        # long gone still says where its stacks came from.
+        labels = {**job.labels, "service_name": service,
+                  "stack_source": "bpf" if job.source == "bpf" else "py-spy"}
         span_ids = _span_ids(profile)
         for t in types:
             if not profile.has_type(t) or not profile.total(t):

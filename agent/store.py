@@ -323,7 +323,8 @@ class Store:
         return merged
 
     def services(self, start_ns: int = 0, end_ns: int = 1 << 62) -> list[dict]:
-        """Services with data in the range: their sample types, pids and Kubernetes pods.
+        """Services with data in the range: their sample types, pids, Kubernetes pods and each
+        pid's stack source (`sources`: pid -> "bpf" | "py-spy").
 
         From the series table (one row per series, kept on every write), not a scan of the
         profiles; stores without it (opened read-only, written by an older agent) are scanned.
@@ -341,7 +342,8 @@ class Store:
         out: dict[str, dict] = {}
         for service, t, pid, labels, lo, hi in rows:
             d = out.setdefault(service, {"service": service, "types": set(), "pids": set(),
-                                         "pods": set(), "from_ns": lo, "until_ns": hi})
+                                         "pods": set(), "sources": {}, "from_ns": lo,
+                                         "until_ns": hi})
             d["types"].add(t)
             if pid:
                 d["pids"].add(int(pid))
@@ -351,6 +353,8 @@ class Store:
                 lab = {}
             if lab.get("pod"):
                 d["pods"].add(f"{lab.get('namespace', '')}/{lab['pod']}")
+            if pid and lab.get("stack_source"):
+                d["sources"][str(int(pid))] = str(lab["stack_source"])
             d["from_ns"] = min(d["from_ns"], lo)
             d["until_ns"] = max(d["until_ns"], hi)
         return [{**d, "types": sorted(d["types"]), "pids": sorted(d["pids"]),

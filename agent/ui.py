@@ -422,8 +422,12 @@ def ui_routes(agent) -> list[Route]:
         return JSONResponse(out)
 
     async def api_info(request: Request) -> Response:
-        return JSONResponse({"read_only": read_only, "types": list(SAMPLE_TYPES),
-                             "now": time.time()})
+        info = {"read_only": read_only, "types": list(SAMPLE_TYPES), "now": time.time()}
+        health = getattr(agent, "health", None)
+        if health is not None and not read_only:
+            h = health()
+            info.update({k: h[k] for k in ("sampler", "walker", "sources", "degraded")})
+        return JSONResponse(info)
 
     return [
         Route("/", page), Route("/explore", page), Route("/spans", page),

@@ -39,6 +39,7 @@ enum sf_counter {
     C_WAITS,                /* waits at or above the off-CPU threshold, each its own record */
     C_SHORT_WAITS,          /* shorter blocked waits, added up per thread and stack */
     C_SAMPLES,
+    C_SYSCALL_UNKNOWN,      /* a blocked thread's syscall registers could not be found */
     C_NCOUNTERS
 };
 

@@ -31,7 +31,7 @@ int on_cpu_sample(void *ctx)
     if (!r)
         return 0;
     r->ev.kind = EV_SAMPLE;
-    r->ev.cpu = (u16)bpf_get_smp_processor_id();
+    r->ev.syscall = 0xffff;
     r->ev.tgid = tgid;
     r->ev.tid = tid;
     r->ev.t0 = now;

@@ -24,6 +24,12 @@ HDR = struct.Struct("<HHIIiQQQQQQIIHBBIQ")
 FRAME = struct.Struct("<QII")
 _NET_FMT = struct.Struct("<IIQQIHH16s")
 EV_SAMPLE, EV_WAIT, EV_WAIT_AGG, EV_EXIT, EV_IO, EV_NET, EV_THREAD = range(1, 8)
+NR_FUTEX = 202
+NO_SYSCALL = 0xFFFF
+
+
+def _nr(nr: int) -> int:
+    return -1 if nr == NO_SYSCALL else nr
 _NET_EVENTS = {1: "connect", 2: "close"}
 _NET_KINDS = {3: "retransmit"}
 #: kernel frames that say nothing about why a thread waits
@@ -115,7 +121,7 @@ class Decoder:
             if len(rec) < HDR.size:
                 self.dropped += 1
                 continue
-            (kind, _cpu, tgid, tid, ks, t0, t1, value, aux, rs, so, state, count, depth, trunc,
+            (kind, nr, tgid, tid, ks, t0, t1, value, aux, rs, so, state, count, depth, trunc,
              err, _h, _task) = unpack(rec)
             pd = per(tgid)
             py = pystack(tgid, rec, depth, trunc, err)
@@ -127,13 +133,13 @@ class Decoder:
             elif kind == EV_WAIT:
                 k = kstack(ks) if ks >= 0 else self._seeds.pop((tid, t0), ())
                 x = Run(tgid, tid, rs + off if rs else None, t0 + off, t1 + off, so, state, k,
-                        aux, py)
+                        aux if nr == NR_FUTEX else 0, py, _nr(nr), aux)
                 pd.runs.append(x)
                 if also is not None:
                     also.runs.append(x)
             elif kind == EV_WAIT_AGG:
                 x = ShortWaits(tgid, tid, t0 + off, t1 + off, value, count, state, kstack(ks),
-                               aux, py)
+                               aux if nr == NR_FUTEX else 0, py, _nr(nr), aux)
                 pd.short_waits.append(x)
                 if also is not None:
                     also.short_waits.append(x)
@@ -190,9 +196,11 @@ class Decoder:
         off = self.clock.offset_ns
         k = self._kstack(state.kstack) if state.kstack >= 0 else self._seeds.get(
             (tid, state.off_start), ())
+        nr = state.syscall
         return Run(tgid, tid, state.run_start + off if state.run_start else None,
                    state.off_start + off, now_real, state.short_off, state.state, k,
-                   state.futex_uaddr, self._pystack(tgid, slot, depth, trunc, err))
+                   state.futex_uaddr if nr == NR_FUTEX else 0,
+                   self._pystack(tgid, slot, depth, trunc, err), _nr(nr), state.futex_uaddr)
 
     # -- stacks ---------------------------------------------------------------------------------
     def _pystack(self, tgid: int, rec: bytes, depth: int, trunc: int, err: int) -> Stack:

@@ -19,14 +19,16 @@
 
 struct sf_event {
     u16 kind;
-    u16 cpu;
+    u16 syscall;                    /* EV_WAIT/EV_WAIT_AGG: the syscall it blocked in (0xffff:
+                                     * unknown) */
     u32 tgid;
     u32 tid;
     s32 kstack;                     /* kernel stack id in `kstacks`, or negative */
     u64 t0;                         /* CLOCK_MONOTONIC ns */
     u64 t1;
     u64 value;
-    u64 aux;                        /* EV_WAIT/EV_WAIT_AGG: futex address waited on, or 0 */
+    u64 aux;                        /* EV_WAIT/EV_WAIT_AGG: that syscall's first argument (for
+                                     * futex: the address waited on); EV_IO: rwbs */
     u64 run_start;                  /* EV_WAIT/EV_EXIT: the on-CPU run that ended at t0 */
     u64 short_off;                  /* absences shorter than OFFCPU_MIN_NS inside that run */
     u32 state;                      /* EV_WAIT: 1 sleeping, 2 uninterruptible, 0x100 preempted */

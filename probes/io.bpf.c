@@ -16,7 +16,7 @@ static __always_inline void io_submit(void *ctx, u32 dev, u32 bytes, const char 
     if (!r)
         return;
     r->ev.kind = EV_IO;
-    r->ev.cpu = (u16)bpf_get_smp_processor_id();
+    r->ev.syscall = 0xffff;
     r->ev.tgid = tgid;
     r->ev.tid = (u32)id;
     r->ev.kstack = -1;

@@ -96,7 +96,7 @@ static __always_inline void net_bytes(u32 tgid, u32 tid, u64 now, u32 kind, u64 
     if (!r)
         return;
     py_walk(tgid, SCRATCH_TASK, &r->ev.py, r->frames);
-    r->ev.cpu = (u16)bpf_get_smp_processor_id();
+    r->ev.syscall = 0xffff;
     r->ev.tgid = tgid;
     r->ev.tid = tid;
     r->ev.kstack = -1;

@@ -43,6 +43,8 @@ class Run(NamedTuple):
     kstack: Stack
     futex_addr: int
     pystack: Stack = ()
+    syscall: int = -1       # the syscall the thread blocked in (-1: unknown)
+    arg0: int = 0           # its first argument
 
     @property
     def blocked(self) -> bool:
@@ -74,6 +76,8 @@ class ShortWaits(NamedTuple):
     kstack: Stack
     futex_addr: int
     pystack: Stack
+    syscall: int = -1
+    arg0: int = 0
 
     @property
     def blocked(self) -> bool:

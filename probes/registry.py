@@ -65,10 +65,9 @@ SPECS: dict[str, ProbeSpec] = {
         "offcpu", "sched.bpf.c", needs=SCHED.needs, sample_types=("off_cpu",),
         doc="time off CPU by reason (lock, io, net, sleep, other), on the stack that waited"),
     "lock": ProbeSpec(
-        "lock", "lock.bpf.c",
-        needs=(_tp(("syscalls", "sys_enter_futex", "")), _tp(("syscalls", "sys_exit_futex", ""))),
-        sample_types=("lock_wait", "gil_wait"), defines=("WITH_LOCK",),
-        doc="which futex a wait is on: lock waits, and GIL waits apart"),
+        "lock", "sched.bpf.c", needs=SCHED.needs, sample_types=("lock_wait", "gil_wait"),
+        doc="lock waits, and GIL waits apart (the futex a thread blocks on, read from its "
+            "saved syscall registers)"),
     "io": ProbeSpec(
         "io", "io.bpf.c",
         needs=(_tp(("block", "block_io_start", "HAVE_BLOCK_IO_START"),

@@ -44,7 +44,8 @@ struct tstate {
     u64 run_start;      /* 0: not known yet */
     u64 off_start;      /* 0: on CPU (or never seen leaving it) */
     u64 short_off;
-    u64 futex_uaddr;    /* futex the thread was waiting on when it left the CPU */
+    u64 futex_uaddr;    /* first argument of the syscall it blocked in (a futex's address) */
+    u32 syscall;        /* the syscall it blocked in, NO_SYSCALL if unknown */
     u32 tgid;
     u32 state;
     s32 kstack;
@@ -56,7 +57,7 @@ struct tstate {
     s32 agg_kstack;     /* ... kernel stack, */
     u32 agg_state;      /* ... task state */
     u32 agg_hash;       /* ... and the Python stack in the slot (its hash) */
-    u32 pad2;
+    u32 agg_syscall;
     u64 net_first;      /* when the bytes in net_bytes began to add up */
     u64 net_bytes[2];   /* TCP bytes sent, received since the last EV_NET record */
 };
@@ -66,19 +67,51 @@ BPF_HASH(tstates, u32, struct tstate, MAX_THREADS);
 /* The Python stack each thread last blocked (or was preempted) in; allocated per thread. */
 BPF_F_TABLE("hash", u32, struct sf_record, tstacks, MAX_THREADS, BPF_F_NO_PREALLOC);
 
-#ifdef WITH_LOCK
-/* Owned by lock.bpf.c; declared here so that a thread's off-CPU wait knows its futex. */
-struct futex_wait {
-    u64 start;
-    u64 uaddr;
-};
-BPF_TABLE("lru_hash", u32, struct futex_wait, futex_inflight, MAX_THREADS);
+#ifndef TASK_STACK_OFF
+#define TASK_STACK_OFF 0            /* offsetof(task_struct, stack), from BTF */
 #endif
+#define PT_REGS_SIZE 168            /* x86-64 struct pt_regs */
+#define PT_REGS_SI 104              /* si, di, orig_ax, ip, cs, flags, sp, ss follow */
+#define USER_CS 0x33
+#define USER_DS 0x2b
+#define NR_FUTEX 202
+#define NO_SYSCALL 0xffff
+
+/* The system call a blocking thread is in, from the user registers the kernel saved at the top
+ * of its stack: the number and its first argument (for futex, the address waited on; for
+ * select, the number of descriptors). No syscall tracepoint: attaching one costs every system
+ * call of the host. The top is THREAD_SIZE above `stack`, less FRED's padding: the candidates
+ * are tried in turn and a frame counts only if it has user-mode code and stack segments. */
+static __always_inline void blocking_syscall(u32 *nr, u64 *arg0)
+{
+    *nr = NO_SYSCALL;
+    *arg0 = 0;
+#if TASK_STACK_OFF == 0
+    return;   /* no BTF: the offset of task_struct.stack is unknown */
+#endif
+    u64 task = (u64)bpf_get_current_task();
+    u64 stack = 0;
+    if (bpf_probe_read_kernel(&stack, sizeof(stack), (void *)(task + TASK_STACK_OFF)) || !stack)
+        return;
+    u64 regs[8];   /* si, di, orig_ax, ip, cs, flags, sp, ss */
+    u64 tops[4] = {16384, 16384 - 16, 32768, 32768 - 16};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        u64 at = stack + tops[i] - PT_REGS_SIZE + PT_REGS_SI;
+        if (bpf_probe_read_kernel(regs, sizeof(regs), (void *)at))
+            continue;
+        if (regs[4] == USER_CS && regs[7] == USER_DS && regs[2] < 1024) {
+            *nr = (u32)regs[2];
+            *arg0 = regs[1];
+            return;
+        }
+    }
+    count(C_SYSCALL_UNKNOWN);
+}
 
 static __always_inline void fill(struct sf_record *r, u16 kind, struct tstate *s, u32 tid)
 {
     r->ev.kind = kind;
-    r->ev.cpu = (u16)bpf_get_smp_processor_id();
     r->ev.tgid = s->tgid;
     r->ev.tid = tid;
 }
@@ -97,6 +130,7 @@ static __always_inline void flush_agg(u32 tid, struct tstate *s, struct sf_recor
     slot->ev.kstack = s->agg_kstack;
     slot->ev.aux = s->agg_futex;
     slot->ev.state = s->agg_state;
+    slot->ev.syscall = s->agg_syscall;
     emit(slot);
     s->agg_count = 0;
     s->agg_ns = 0;
@@ -136,6 +170,7 @@ static __always_inline void came_back(u32 tid, struct tstate *s, struct sf_recor
                 s->agg_futex = s->futex_uaddr;
                 s->agg_state = s->state;
                 s->agg_hash = slot->ev.py.hash;
+                s->agg_syscall = s->syscall;
             }
             s->agg_count++;
             s->agg_ns += gap;
@@ -185,16 +220,17 @@ RAW_TRACEPOINT_PROBE(sched_switch)
     s->off_start = now;
     s->state = st;
     s->futex_uaddr = 0;
+    s->syscall = NO_SYSCALL;
     s->kstack = -1;
     if (st == 1 || st == 2) {
         s->kstack = kstacks.get_stackid(ctx, 0);
         if (s->kstack < 0)
             count(C_KSTACK_ERR);
-#ifdef WITH_LOCK
-        struct futex_wait *w = futex_inflight.lookup(&tid);
-        if (w)
-            s->futex_uaddr = w->uaddr;
-#endif
+        u32 nr;
+        u64 arg0;
+        blocking_syscall(&nr, &arg0);
+        s->syscall = nr;
+        s->futex_uaddr = arg0;
     }
     if (!slot)
         return 0;
@@ -210,7 +246,8 @@ RAW_TRACEPOINT_PROBE(sched_switch)
      * switch while runnable (preempted, or woken before it got off the CPU: state 0) adds
      * nothing and ends the stretch only if it moves the stack. */
     int same_place = same_stack && (st == ST_PREEMPTED || st == 0 ||
-                                    (s->futex_uaddr == s->agg_futex && st == s->agg_state));
+                                    (s->futex_uaddr == s->agg_futex && st == s->agg_state &&
+                                     s->syscall == s->agg_syscall));
     if (s->agg_count && !same_place)
         flush_agg(tid, s, slot);
     if (!same_stack) {
@@ -223,6 +260,7 @@ RAW_TRACEPOINT_PROBE(sched_switch)
     slot->ev.kstack = s->kstack;
     slot->ev.aux = s->futex_uaddr;
     slot->ev.state = st;
+    slot->ev.syscall = s->syscall;
     return 0;
 }
 
@@ -253,7 +291,6 @@ TRACEPOINT_PROBE(task, task_newtask)
     if (tstacks.update(&tid, r))
         count(C_THREAD_MAP_FULL);
     r->ev.kind = EV_THREAD;
-    r->ev.cpu = (u16)bpf_get_smp_processor_id();
     r->ev.tgid = tgid;
     r->ev.tid = tid;
     r->ev.t0 = bpf_ktime_get_ns();

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 #: kernel-side counters, in the order of `enum sf_counter` (common.h)
 COUNTER_NAMES = ("events_ringbuf_drops", "net_ringbuf_drops", "kernel_stack_errors",
                  "threads_untracked", "thread_map_full", "futex_map_full", "bucket_map_full",
-                 "socket_map_full", "waits", "short_waits", "samples")
+                 "socket_map_full", "waits", "short_waits", "samples", "syscall_unknown")
 _NOEXIST = 1  # BPF_NOEXIST
 #: counters that only count what happened (the rest count something lost or unreadable)
 _INFO_COUNTERS = frozenset(("waits", "short_waits", "samples", "symbolizer_reused"))
@@ -127,12 +127,12 @@ class ProbeSession:
         self.off.update(plan.off)
         if not plan.probes:
             raise _ProbesOff(next(iter(plan.off.values()), "no probe can run here"))
-        fsbase = 0
-        if self.python_stacks:
-            from probes import btf
-            try:
-                fsbase = btf.member_offset("task_struct", "thread.fsbase")
-            except btf.BtfError as exc:
+        from probes import btf
+        try:
+            offs = btf.offsets("task_struct", ["thread.fsbase", "stack"])
+        except btf.BtfError as exc:
+            offs = {"thread.fsbase": 0, "stack": 0}
+            if self.python_stacks:
                 self.python_stacks = False
                 self.off["python-stacks"] = f"kernel BTF unreadable ({exc}): no stacks in the kernel"
         self.headers = kheaders.resolve(create=True)
@@ -147,7 +147,8 @@ class ProbeSession:
             f"-DSTACK_ENTRIES={self.stack_entries}",
             f"-DEVENTS_RB_PAGES={self.ringbuf_pages}",
             f"-DNET_RB_PAGES={max(1, self.ringbuf_pages // 8)}",
-            f"-DFSBASE_OFF={fsbase}",
+            f"-DFSBASE_OFF={offs['thread.fsbase']}",
+            f"-DTASK_STACK_OFF={offs['stack']}",
             f"-DAGENT_TGID={os.getpid()}",
             "-w",
         ]

@@ -214,20 +214,31 @@
     root.appendChild(el('section', {class: 'sf-toolbar'}, [
       field('Service', svc), field('Process', pid), field('Pod', pod), field('Type', type), field('Range', range),
       field('Labels', labels), apply, dl]));
+    var srcLine = el('div', {class: 'sf-source'});
+    root.appendChild(srcLine);
     root.appendChild(timeline);
     root.appendChild(status);
     root.appendChild(chart);
 
-    var known = [];
+    var known = [], sources = {};
+    agentInfo().then(function (info) {  // live reasons win over what the store remembers
+      Object.keys(info.sources || {}).forEach(function (k) { sources[k] = info.sources[k]; });
+      if (known.length) fillPids();
+    });
     function fillPids() {
       clear(pid);
       pid.appendChild(el('option', {value: '', text: 'all processes'}));
       known.filter(function (s) { return !state.service || s.service === state.service; })
         .forEach(function (s) {
           s.pids.forEach(function (x) {
-            pid.appendChild(el('option', {value: String(x), text: x + ' (' + s.service + ')', selected: String(x) === state.pid}));
+            var src = sources[String(x)];
+            var how = src ? (src.sampler === 'bpf' ? ', kernel walker' : ', ' + src.sampler) : '';
+            pid.appendChild(el('option', {value: String(x), text: x + ' (' + s.service + how + ')',
+                                          title: src && src.why ? src.why : null,
+                                          selected: String(x) === state.pid}));
           });
         });
+      srcLine.textContent = state.pid ? sourceText({sources: sources}, state.pid) : '';
     }
     function fillPods() {
       clear(pod);
@@ -255,6 +266,11 @@
     }
     services().then(function (list) {
       known = list;
+      list.forEach(function (s) {
+        Object.keys(s.sources || {}).forEach(function (k) {
+          if (!sources[k]) sources[k] = {sampler: s.sources[k]};
+        });
+      });
       svc.appendChild(el('option', {value: '', text: 'all services'}));
       list.forEach(function (s) {
         svc.appendChild(el('option', {value: s.service, text: s.service, selected: s.service === state.service}));
@@ -263,7 +279,11 @@
     }).catch(function (e) { status.appendChild(errorBox(e.message)); });
     svc.addEventListener('change', function () { state.service = svc.value; state.pid = ''; state.pod = ''; fillPids(); fillPods(); fillTypes(); load(); });
     pod.addEventListener('change', function () { state.pod = pod.value; load(); });
-    pid.addEventListener('change', function () { state.pid = pid.value; load(); });
+    pid.addEventListener('change', function () {
+      state.pid = pid.value;
+      srcLine.textContent = state.pid ? sourceText({sources: sources}, state.pid) : '';
+      load();
+    });
     type.addEventListener('change', function () { state.type = type.value; load(); });
     apply.addEventListener('click', function () { state.labels = labels.value; load(); });
     labels.addEventListener('keydown', function (ev) { if (ev.key === 'Enter') { state.labels = labels.value; load(); } });
@@ -555,6 +575,34 @@
     load();
   }
 
+  // -- what the agent runs below what was asked: shown on every page, never hidden ----------
+  var infoCache = null;
+  function agentInfo() {
+    if (!infoCache) infoCache = api('/api/info').catch(function () { return {}; });
+    return infoCache;
+  }
+
+  function degradedBanner(root) {
+    agentInfo().then(function (info) {
+      var items = info.degraded || [];
+      if (!items.length) return;
+      var box = el('div', {class: 'sf-degraded', role: 'status'}, [
+        el('strong', {text: 'Running below what was asked: '})]);
+      var ul = el('ul');
+      items.forEach(function (t) { ul.appendChild(el('li', {text: t})); });
+      box.appendChild(ul);
+      root.insertBefore(box, root.firstChild);
+    });
+  }
+
+  /* Where one process's stacks come from: the kernel walker, or py-spy and why. */
+  function sourceText(info, pid) {
+    var s = info.sources && info.sources[String(pid)];
+    if (!s) return '';
+    if (s.sampler === 'bpf') return 'stacks: kernel walker (every sample and wait on its exact stack)';
+    return 'stacks: ' + s.sampler + (s.why ? ' (' + s.why + ')' : '');
+  }
+
   // -- router ------------------------------------------------------------------------------------
   function main() {
     var root = document.getElementById('app');
@@ -569,6 +617,7 @@
     else if (path.indexOf('/trace/') === 0) traceView(root, decodeURIComponent(path.slice(7)));
     else if (path === '/flamegraph') spanFlame(root);
     else root.appendChild(errorBox('No such page.'));
+    degradedBanner(root);
   }
 
   if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', main);

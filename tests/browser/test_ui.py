@@ -74,7 +74,7 @@ def shop(tmp_path_factory):
     app = subprocess.Popen([sys.executable, str(PROGRAMS / "shop_app.py"), agent.otlp, str(d),
                             "--seconds", "25"], stdout=subprocess.PIPE, text=True)
     try:
-        json.loads(app.stdout.readline())
+        app_pid = json.loads(app.stdout.readline())["pid"]
         deadline = time.time() + 150
         while True:  # until every kind of span is stored with its breakdown
             done = all(len([s for s in spans(agent.url, name=n) if s["breakdown"]]) >= 5
@@ -85,7 +85,7 @@ def shop(tmp_path_factory):
                     break
             assert time.time() < deadline, "spans did not arrive: " + (d / "store").as_posix()
             time.sleep(2)
-        yield {"url": agent.url, "agent": agent, "dir": d}
+        yield {"url": agent.url, "agent": agent, "dir": d, "pid": app_pid}
     finally:
         if app.poll() is None:
             app.kill()
@@ -304,6 +304,38 @@ def test_explore_timeline_label_filters_and_downloads(page, shop, tmp_path):
     page.wait_for_selector("body[data-ready='1']")
     assert "from=" in page.url and "until=" in page.url
     assert not page.errors, page.errors
+
+
+def test_explore_says_where_a_processs_stacks_come_from(page, shop):
+    pid = shop["pid"]
+    open_page(page, f"{shop['url']}/explore?service=shop&type=cpu&range=15m&pid={pid}")
+    source = page.locator(".sf-source")
+    deadline = time.time() + 10
+    while not source.inner_text() and time.time() < deadline:
+        time.sleep(0.1)
+    assert source.inner_text().startswith("stacks: kernel walker"), source.inner_text()
+    option = page.locator(f'select.sf-pid option[value="{pid}"]').inner_text()
+    assert "kernel walker" in option, option
+    assert page.locator(".sf-degraded").count() == 0  # nothing runs below what was asked
+    assert not page.errors, page.errors
+
+
+def test_a_probe_turned_off_is_shown_on_every_page(page, tmp_path):
+    """Never degrade silently: a probe off (here: its tracepoint denied) is in /healthz,
+    /metrics and a banner on every page of the UI."""
+    agent = AgentProc(tmp_path / "store", env={"SPANFLAME_DENY_TRACEPOINTS": "sock:sock_send_length"})
+    try:
+        health = httpx.get(f"{agent.url}/healthz", timeout=10).json()
+        assert any(d.startswith("probe net off") for d in health["degraded"]), health
+        assert 'spanflame_degraded{what="probe net off"} 1.0' in httpx.get(
+            f"{agent.url}/metrics", timeout=10).text
+        for path in ("/explore", "/spans"):
+            open_page(page, agent.url + path)
+            banner = page.locator(".sf-degraded")
+            banner.wait_for()
+            assert "probe net off" in banner.inner_text() and "sock_send_length" in banner.inner_text()
+    finally:
+        agent.stop()
 
 
 def test_api_rejects_bad_input_with_reasons(shop):

@@ -33,7 +33,7 @@ def free_port() -> int:
 
 
 class AgentProc:
-    def __init__(self, store: Path, *extra: str) -> None:
+    def __init__(self, store: Path, *extra: str, env: dict | None = None) -> None:
         self.store = store
         self.port, self.otlp_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -44,7 +44,8 @@ class AgentProc:
              "--otlp-listen", f"127.0.0.1:{self.otlp_port}", "--include", "tests/programs/",
              # A few processes at full rate: the tests check what is recorded, not the budget
              # (bench/agent_budget.py measures that).
-             "--cpu-budget", "50", *extra], stdout=self.log, stderr=subprocess.STDOUT)
+             "--cpu-budget", "50", *extra], stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:

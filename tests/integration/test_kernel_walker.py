@@ -142,3 +142,28 @@ def test_an_interpreter_the_walker_does_not_read_falls_back_to_py_spy_and_says_w
     assert {"sleeper", "wait_forever"} <= names, names
     assert refused.returncode != 0 and "CPython 3.9" in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_a_stack_deeper_than_the_walker_keeps_its_innermost_frames_under_truncated(tmp_path):
+    out = tmp_path / "p.pb.gz"
+    with target("deep_stack") as t:
+        res, prof = attach(t.pid, out, "--probes", "cpu", duration=2)
+    deep = [(s, v) for s, l, v in prof.iter_type("cpu")
+            if dict(l)["thread_id"] == t.info["threads"]["deep"]]
+    assert deep and sum(v for _s, v in deep) > 1e9
+    for stack, _v in deep:
+        python = [f for f in stack if f.filename and not f.filename.startswith("[")]
+        assert python[0].line in (hot_line("deep_stack", "DS-LOOP"),
+                                  hot_line("deep_stack", "DS-BOTTOM"))
+        assert len(python) == 128 and all(f.name == "down" for f in python), python[:3]
+        assert stack[-1].name == "[truncated]"
+    assert "lost or unreadable" not in res.stdout, res.stdout
+
+
+def test_the_profilers_own_frames_never_appear(tmp_path):
+    out = tmp_path / "p.pb.gz"
+    with target("idle_workers") as t:
+        _res, prof = attach(t.pid, out, "--probes", "all", duration=2)
+    own = ("bpf_", "__bpf_", "__traceiter_", "trace_call_bpf", "perf_", "__perf_")
+    names = {f.name for (s, _l) in prof.samples for f in s}
+    assert names and not [n for n in names if n.startswith(own)], sorted(names)

@@ -36,10 +36,21 @@ $(VENV)/.stamp-base: pyproject.toml | host
 # The test suite also runs the older pyroscope-io 0.8 client, which cannot share a venv with 1.x.
 PYRO08 := $(VENV)/pyroscope08
 
-$(VENV)/.stamp-test: $(VENV)/.stamp-base pyproject.toml
+# Test apps run under every CPython the kernel walker supports (pyenv's, on every machine of this
+# kind): one venv each with the asyncio web framework and the OTel SDK they use.
+APP_PYTHONS := 3.10.13 3.11.7 3.12.1 3.13.0
+APP_PKGS    := aiohttp==3.14.5 opentelemetry-sdk==1.45.2 opentelemetry-exporter-otlp-proto-http==1.45.2
+
+$(VENV)/.stamp-test: $(VENV)/.stamp-base pyproject.toml Makefile
 	@$(PY) -m pip install -q -e '.[test]' >/dev/null
 	@test -x $(PYRO08)/bin/python || $(SYS_PYTHON) -m venv $(PYRO08)
 	@$(PYRO08)/bin/pip install -q 'pyroscope-io==0.8.16' >/dev/null
+	@for v in $(APP_PYTHONS); do \
+	  py=$$HOME/.pyenv/versions/$$v/bin/python3; \
+	  if [ ! -x $$py ]; then echo "note: no $$py: its app tests will be skipped" >&2; continue; fi; \
+	  test -x $(VENV)/apps/$$v/bin/python || $$py -m venv $(VENV)/apps/$$v; \
+	  $(VENV)/apps/$$v/bin/pip install -q $(APP_PKGS) >/dev/null; \
+	done
 	@touch $@
 
 setup: host $(VENV)/.stamp-base

@@ -213,7 +213,8 @@ def _attach_kernel(options: AttachOptions, session, receiver, progress, stop) ->
     linker = None
     if receiver is not None:
         from agent.tracelink import TraceLinker
-        linker = TraceLinker(receiver.store, options.rate_hz, window=(start_ns - 1, end_ns + 1))
+        linker = TraceLinker(receiver.store, options.rate_hz, window=(start_ns - 1, end_ns + 1),
+                             tasks=True)
         names.from_spans(receiver.store.all())
     cpu = RunsCpu(data, pid, start_ns, end_ns)
     waits = add_records(profile, pid, data, python_stack=kernel_python_stack,

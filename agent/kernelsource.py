@@ -100,7 +100,8 @@ def build_kernel_window(agent, job) -> None:
     pid = job.target.pid
     start, end = job.start_ns, job.end_ns
     data = agent.session.window(pid, start, end)
-    linker = TraceLinker(agent.spans, agent.opts.rate_hz, window=(start - 1, end + 1))
+    linker = TraceLinker(agent.spans, agent.opts.rate_hz, window=(start - 1, end + 1),
+                         tasks=True)
     types = []
     for p in agent.opts.probes:
         if p in ("cpu", "wall") or p in agent.session.active:

@@ -4,7 +4,9 @@
     provider.add_span_processor(SpanflameSpanProcessor())
 
 Every span gets `spanflame.pid` and `spanflame.tid` (the OS thread id, `threading.get_native_id()`,
-the id py-spy and the kernel use), `spanflame.pid_ns` (the app's PID namespace, so that an agent
+the id py-spy and the kernel use), in an asyncio task `spanflame.task` (`id()` of the task's
+coroutine, what the kernel walker reports as the outermost coroutine of a stack),
+`spanflame.pid_ns` (the app's PID namespace, so that an agent
 outside a container can translate those ids) and `thread.name`, so that the spanflame agent can put each
 sample on the span that was running on its thread, and `spanflame.span_id` (its own span id in
 hex), which tracing UIs that can only template links from tags (Jaeger) use for deep links. A local root span also gets
@@ -19,6 +21,7 @@ This module needs nothing beyond opentelemetry-sdk (and the standard library).
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 from opentelemetry import trace
@@ -30,7 +33,25 @@ ATTR_THREAD_NAME = "thread.name"
 ATTR_PROFILE_ID = "pyroscope.profile.id"
 ATTR_SPAN_ID = "spanflame.span_id"
 ATTR_PID_NS = "spanflame.pid_ns"
+ATTR_TASK = "spanflame.task"
 _ns_of_pid: list = [0, 0]  # [pid, namespace inode] (re-read after a fork)
+#: id(coroutine) of every asyncio task with an open span -> how many are open in it. The agent
+#: reads this dict from outside the process (probes/pyasync.py) to see what such a task awaits
+#: while it is suspended; keep its name and shape.
+_active_tasks: dict[int, int] = {}
+
+
+def _task_id() -> int:
+    """id() of the running asyncio task's coroutine (what the kernel walker reports as the
+    outermost coroutine on a stack), 0 outside a task. asyncio is never imported here."""
+    aio = sys.modules.get("asyncio")
+    if aio is None:
+        return 0
+    try:
+        task = aio.current_task()
+    except RuntimeError:  # no running event loop in this thread
+        return 0
+    return id(task.get_coro()) if task is not None else 0
 
 
 def _pid_ns(pid: int) -> int:
@@ -58,9 +79,19 @@ class SpanflameSpanProcessor(SpanProcessor):
         parent = span.parent
         if parent is None or parent.is_remote:
             span.set_attribute(ATTR_PROFILE_ID, format(span.context.span_id, "016x"))
+        task = _task_id()
+        if task:
+            span.set_attribute(ATTR_TASK, task)
+            _active_tasks[task] = _active_tasks.get(task, 0) + 1
 
     def on_end(self, span: ReadableSpan) -> None:
-        pass
+        task = span.attributes.get(ATTR_TASK) if span.attributes else None
+        if task:
+            n = _active_tasks.get(task, 0) - 1
+            if n > 0:
+                _active_tasks[task] = n
+            else:
+                _active_tasks.pop(task, None)
 
     def shutdown(self) -> None:
         pass

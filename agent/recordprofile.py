@@ -77,8 +77,9 @@ def add_records(profile: Profile, pid: int, data: ProbeData, *, python_stack: Py
     summary = WaitSummary()
     label_cache: dict[tuple, Labels] = {}
 
-    def labels(tid: int, start: int, end: int | None = None, **extra: str) -> Labels:
-        span = linker.event_labels(pid, tid, start, end) if linker is not None else ()
+    def labels(tid: int, start: int, end: int | None = None, task: int = 0,
+               **extra: str) -> Labels:
+        span = linker.event_labels(pid, tid, start, end, task) if linker is not None else ()
         key = (tid, span, tuple(sorted(extra.items())))
         lab = label_cache.get(key)
         if lab is None:
@@ -118,7 +119,7 @@ def add_records(profile: Profile, pid: int, data: ProbeData, *, python_stack: Py
             values[t] = total
         if values:
             stack = MARKER_FRAMES[reason] + w.kstack + stack_py
-            profile.add(stack, labels(w.tid, a, b, reason=reason), values)
+            profile.add(stack, labels(w.tid, a, b, w.task, reason=reason), values)
 
     for r in (*data.runs, *data.open_waits):
         if r.tgid != pid or r.off_end_ns is None:
@@ -142,7 +143,8 @@ def add_records(profile: Profile, pid: int, data: ProbeData, *, python_stack: Py
         summary.io_requests += 1
         if "io" in want and io.bytes:
             stack = (Frame(f"[io {io.op}]"),) + python_stack(io, io.tid, io.start_ns, io.start_ns)
-            profile.add(stack, labels(io.tid, io.start_ns, device=io.dev), {"io": io.bytes})
+            profile.add(stack, labels(io.tid, io.start_ns, None, io.task, device=io.dev),
+                        {"io": io.bytes})
 
     for n in data.net:
         if n.tgid == pid and n.kind == "connect" and lo <= n.end_ns < hi:
@@ -162,7 +164,7 @@ def add_records(profile: Profile, pid: int, data: ProbeData, *, python_stack: Py
         if t in want:
             stack = (Frame(f"[tcp {nb.direction}]"),) + python_stack(nb, nb.tid, nb.end_ns,
                                                                      nb.end_ns)
-            profile.add(stack, labels(nb.tid, nb.end_ns), {t: v})
+            profile.add(stack, labels(nb.tid, nb.end_ns, None, nb.task), {t: v})
 
     for b in data.buckets:
         if b.tgid != pid or b.kind != "retransmit":
@@ -189,7 +191,8 @@ def _weighted_samples(pid: int, samples, cpu, lo: int, hi: int, linker, labels):
     sampled had been running since the previous sample, as far as anyone knows), else the
     previous one; a span in which no sample fell keeps its CPU on a marker stack. So per-thread
     and per-span CPU are exact, and within a span each function carries the time of the samples
-    that saw it.
+    that saw it. A thread that runs asyncio tasks has its spans in tasks interleaved at every
+    await: there each sample takes the thread's CPU since the sample before it.
     """
     by_tid: dict[int, list] = {}
     for s in samples:
@@ -199,7 +202,13 @@ def _weighted_samples(pid: int, samples, cpu, lo: int, hi: int, linker, labels):
         ss.sort(key=lambda s: s.t_ns)
         if cpu is None or not cpu.seen(tid):
             for s in ss:
-                yield s, labels(tid, s.t_ns), s.period_ns
+                yield s, labels(tid, s.t_ns, None, s.task), s.period_ns
+            continue
+        if any(s.task for s in ss):
+            bounds = [lo] + [s.t_ns for s in ss[:-1]] + [hi]
+            for s, a, b in zip(ss, bounds, bounds[1:]):
+                ns = cpu.oncpu_ns(tid, a, b) or s.period_ns
+                yield s, labels(tid, s.t_ns, None, s.task), ns
             continue
         cuts = {lo, hi, *(s.t_ns for s in ss)}
         if linker is not None:

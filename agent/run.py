@@ -600,7 +600,7 @@ class Agent:
                 if prev and prev.get("breakdown"):
                     pb = prev["breakdown"]
                     if window[0] not in pb.get("windows", []):
-                        for k in ("cpu_ns", "lock_ns", "gil_ns", "sync_ns", "io_ns", "net_ns", "other_ns",
+                        for k in ("cpu_ns", "lock_ns", "gil_ns", "sync_ns", "await_ns", "io_ns", "net_ns", "other_ns",
                                   "children_ns", "unaccounted_ns", "samples"):
                             bd[k] = bd.get(k, 0) + pb.get(k, 0)
                         bd["windows"] = pb.get("windows", []) + [window[0]]

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 ATTR_PID = "spanflame.pid"
 ATTR_TID = "spanflame.tid"
 ATTR_PID_NS = "spanflame.pid_ns"
+ATTR_TASK = "spanflame.task"
 ATTR_THREAD_NAME = "thread.name"
 #: Bounds on untrusted span data.
 MAX_NAME = 256
@@ -40,6 +41,7 @@ class SpanRecord:
     kind: str = "internal"
     attributes: tuple[tuple[str, str], ...] = ()
     parent_is_remote: bool = False
+    task: int = 0           # the asyncio task's coroutine (id()) it ran in, 0 for none
 
     @property
     def duration_ns(self) -> int:
@@ -102,7 +104,7 @@ def _span(sp, service: str, res_pid, to_host=None) -> SpanRecord:
         raise InvalidSpan("span that ends before it starts")
     attrs = {}
     pid = res_pid if isinstance(res_pid, int) else 0
-    tid = ns = 0
+    tid = ns = task = 0
     for kv in sp.attributes:
         val = _any_value(kv.value)
         if kv.key == ATTR_PID and isinstance(val, int):
@@ -111,6 +113,8 @@ def _span(sp, service: str, res_pid, to_host=None) -> SpanRecord:
             tid = val
         elif kv.key == ATTR_PID_NS and isinstance(val, int):
             ns = val
+        elif kv.key == ATTR_TASK and isinstance(val, int):
+            task = val if 0 < val < 1 << 64 else 0
         elif len(attrs) < MAX_ATTRS and val is not None:
             attrs[_clip(kv.key, 64)] = _clip(str(val), MAX_ATTR_VALUE)
     if not 0 <= pid < 1 << 32 or not 0 <= tid < 1 << 32:
@@ -128,7 +132,8 @@ def _span(sp, service: str, res_pid, to_host=None) -> SpanRecord:
         start_ns=sp.start_time_unix_nano, end_ns=sp.end_time_unix_nano,
         status=_STATUS.get(sp.status.code, "unset"), kind=_KINDS.get(sp.kind, "internal"),
         attributes=tuple(sorted(attrs.items())),
-        parent_is_remote=bool(flags & _FLAG_HAS_REMOTE and flags & _FLAG_REMOTE))
+        parent_is_remote=bool(flags & _FLAG_HAS_REMOTE and flags & _FLAG_REMOTE),
+        task=task if pid else 0)
 
 
 @dataclass
@@ -160,6 +165,8 @@ class SpanStore:
         self._lock = threading.Lock()
         self._order: deque[SpanRecord] = deque()
         self._by_thread: dict[tuple[int, int], _ThreadSpans] = {}
+        #: (pid, task) -> the spans that ran in that asyncio task
+        self._by_task: dict[tuple[int, int], _ThreadSpans] = {}
         self._by_id: dict[str, SpanRecord] = {}
         self._by_trace: dict[str, list[str]] = {}
         self.received = 0
@@ -181,6 +188,8 @@ class SpanStore:
                 self._order.append(s)
                 if s.pid and s.tid:
                     self._by_thread.setdefault((s.pid, s.tid), _ThreadSpans()).add(s)
+                    if s.task:
+                        self._by_task.setdefault((s.pid, s.task), _ThreadSpans()).add(s)
                     self.services[s.pid] = s.service
                     if s.start_ns > self._latest.get(s.pid, 0):
                         self._latest[s.pid] = s.start_ns
@@ -210,8 +219,10 @@ class SpanStore:
                 pass
             if not ids:
                 del self._by_trace[s.trace_id]
-        ts = self._by_thread.get((s.pid, s.tid))
-        if ts is not None:
+        for index, key in ((self._by_thread, (s.pid, s.tid)), (self._by_task, (s.pid, s.task))):
+            ts = index.get(key)
+            if ts is None:
+                continue
             try:
                 i = ts.spans.index(s)
                 del ts.spans[i]
@@ -219,7 +230,13 @@ class SpanStore:
             except ValueError:
                 pass
             if not ts.spans:
-                del self._by_thread[(s.pid, s.tid)]
+                del index[key]
+
+    def task_spans(self, pid: int, task: int, start_ns: int, end_ns: int) -> list[SpanRecord]:
+        """Spans that ran in asyncio task `task` of `pid`, overlapping [start_ns, end_ns)."""
+        with self._lock:
+            ts = self._by_task.get((pid, task))
+            return ts.overlapping(start_ns, end_ns) if ts else []
 
     def thread_spans(self, pid: int, tid: int, start_ns: int, end_ns: int) -> list[SpanRecord]:
         """Spans of (pid, tid) overlapping [start_ns, end_ns), sorted by start."""

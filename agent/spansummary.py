@@ -19,14 +19,19 @@ from agent.spans import SpanRecord, SpanStore
 from agent.timeline import CpuTimeline
 from agent.waits import classify
 
-CATEGORIES = ("cpu", "lock", "gil", "sync", "io", "net", "other")
+#: how far inside a span's edges a sample must be to say something about the span (the app's
+#: clock and the kernel's are converted into each other to a few microseconds)
+EDGE_NS = 200_000
+CATEGORIES = ("cpu", "lock", "gil", "sync", "await", "io", "net", "other")
 #: Which sample type shows the functions behind each category.
 CATEGORY_TYPE = {"cpu": "cpu", "lock": "lock_wait", "gil": "gil_wait", "sync": "off_cpu",
+                 "await": "await",
                  "io": "io_wait", "net": "net_wait", "other": "off_cpu"}
 _REASON_CATEGORY = {"lock": "lock", "gil": "gil", "sync": "sync", "io": "io", "net": "net",
                     "sleep": "other", "runqueue": "other", "other": "other"}
 _WORDS = {"cpu": "on CPU", "lock": "waiting on a lock", "gil": "waiting for the GIL",
-          "sync": "waiting for another thread", "io": "waiting on disk IO",
+          "sync": "waiting for another thread", "await": "awaiting",
+          "io": "waiting on disk IO",
           "net": "waiting on the network", "other": "off CPU",
           "children": "in child spans", "unaccounted": "unaccounted for"}
 
@@ -47,6 +52,7 @@ class SpanBreakdown:
     lock_ns: int = 0
     gil_ns: int = 0
     sync_ns: int = 0
+    await_ns: int = 0       # an asyncio task's span, suspended (awaiting), not on any thread
     io_ns: int = 0
     net_ns: int = 0
     other_ns: int = 0
@@ -85,26 +91,34 @@ def breakdowns(spans: Iterable[SpanRecord], store: SpanStore, cpu: CpuTimeline |
                window: tuple[int, int] | None = None) -> list[SpanBreakdown]:
     """One SpanBreakdown per span with a known thread (clipped to `window` when given)."""
     spans = [s for s in spans if s.pid and s.tid]
-    waits_by_tid: dict[int, list[tuple[int, int, str]]] = {}
+    waits_by_tid: dict[int, list[tuple[int, int, str, int]]] = {}
     runs_by_tid: dict[int, list[tuple[int, int]]] = {}
-    shorts_by_tid: dict[int, list[tuple[int, int, int, str]]] = {}
+    shorts_by_tid: dict[int, list[tuple[int, int, int, str, int]]] = {}
     if data is not None:
         for r in data.runs:
             if r.run_start_ns is not None:
                 runs_by_tid.setdefault(r.tid, []).append((r.run_start_ns, r.run_end_ns))
             if r.off_end_ns is not None:
                 reason = classify(r, data.gil_ranges.get(r.tgid))
-                waits_by_tid.setdefault(r.tid, []).append((r.run_end_ns, r.off_end_ns, reason))
+                waits_by_tid.setdefault(r.tid, []).append((r.run_end_ns, r.off_end_ns, reason,
+                                                           r.task))
         for w in data.open_waits:  # still waiting when read: its run is in open_runs
             reason = classify(w, data.gil_ranges.get(w.tgid))
-            waits_by_tid.setdefault(w.tid, []).append((w.run_end_ns, w.off_end_ns, reason))
+            waits_by_tid.setdefault(w.tid, []).append((w.run_end_ns, w.off_end_ns, reason,
+                                                       w.task))
         for tid, (_tgid, a, b, _so) in data.open_runs.items():
             if a is not None:
                 runs_by_tid.setdefault(tid, []).append((a, b if b is not None else a))
         for w in data.short_waits:
             reason = classify(w, data.gil_ranges.get(w.tgid))
-            shorts_by_tid.setdefault(w.tid, []).append((w.start_ns, w.end_ns, w.total_ns, reason))
+            shorts_by_tid.setdefault(w.tid, []).append((w.start_ns, w.end_ns, w.total_ns, reason,
+                                                        w.task))
     top = _top_functions(profile) if profile is not None else {}
+    samples_by_tid: dict[int, list[tuple[int, int]]] = {}
+    for smp in (data.samples if data is not None else ()):
+        samples_by_tid.setdefault(smp.tid, []).append((smp.t_ns, smp.task))
+    for v in samples_by_tid.values():
+        v.sort()
     out = []
     for s in spans:
         lo, hi = s.start_ns, s.end_ns
@@ -112,31 +126,41 @@ def breakdowns(spans: Iterable[SpanRecord], store: SpanStore, cpu: CpuTimeline |
             lo, hi = max(lo, window[0]), min(hi, window[1])
         if hi <= lo:
             continue
-        children = [(c.start_ns, c.end_ns) for c in
-                    store.thread_spans(s.pid, s.tid, lo, hi)
-                    if c.parent_span_id == s.span_id]
+        kids = (store.trace(s.trace_id) if s.task else
+                store.thread_spans(s.pid, s.tid, lo, hi))
+        children = [(c.start_ns, c.end_ns) for c in kids if c.parent_span_id == s.span_id]
         own = _minus([(lo, hi)], children)
         b = SpanBreakdown(s.trace_id, s.span_id, s.parent_span_id, s.name, s.service, s.pid,
                           s.tid, s.start_ns, s.duration_ns, s.status)
         b.children_ns = (hi - lo) - sum(y - x for x, y in own)
-        if cpu is not None:
+        if s.task and (cpu is None or
+                       not _held_thread(samples_by_tid.get(s.tid, ()), s.task, lo, hi,
+                                        sum(cpu.oncpu_ns(s.tid, x, y) for x, y in own),
+                                        sum(y - x for x, y in own))):
+            # other tasks may have run on the thread during the span: its CPU is its samples'
+            b.cpu_ns = top.get(s.span_id, {}).get("_cpu", [0])[0]
+        elif cpu is not None:  # (a task that held the thread throughout has the thread's CPU)
             b.cpu_ns = sum(cpu.oncpu_ns(s.tid, x, y) for x, y in own)
         observed = b.cpu_ns
-        for a, e, reason in waits_by_tid.get(s.tid, ()):
+        for a, e, reason, task in waits_by_tid.get(s.tid, ()):
+            if s.task and task != s.task:
+                continue
             ns = _overlap(own, a, e)
             if ns:
                 cat = _REASON_CATEGORY[reason]
                 setattr(b, f"{cat}_ns", getattr(b, f"{cat}_ns") + ns)
                 observed += ns
         short_known = 0
-        for a, e, total, reason in shorts_by_tid.get(s.tid, ()):
+        for a, e, total, reason, task in shorts_by_tid.get(s.tid, ()):
+            if s.task and task != s.task:
+                continue
             ns = _overlap(own, a, e)
             if ns:  # spread evenly over the stretch the short waits were added up in
                 ns = total if ns >= e - a else round(total * ns / max(1, e - a))
                 cat = _REASON_CATEGORY[reason]
                 setattr(b, f"{cat}_ns", getattr(b, f"{cat}_ns") + ns)
                 short_known += ns
-        runs = runs_by_tid.get(s.tid)
+        runs = runs_by_tid.get(s.tid) if not s.task else None
         if runs:  # absences inside runs, shorter than the off-CPU threshold
             in_runs = sum(_overlap(own, a, e) for a, e in runs)
             short = max(0, in_runs - b.cpu_ns - short_known)
@@ -144,12 +168,33 @@ def breakdowns(spans: Iterable[SpanRecord], store: SpanStore, cpu: CpuTimeline |
             observed += short
         observed += short_known
         own_ns = sum(y - x for x, y in own)
+        if s.task:  # the rest of a task's own time it was suspended: awaiting
+            b.await_ns = max(0, own_ns - observed)
+            observed += b.await_ns
         b.unaccounted_ns = max(0, own_ns - observed)
         b.samples = sum(top.get(s.span_id, {}).get("_samples", [0]))
         b.top = {k: v for k, v in top.get(s.span_id, {}).items() if not k.startswith("_")}
         b.cause = cause(b)
         out.append(b)
     return out
+
+
+def _held_thread(samples: list[tuple[int, int]], task: int, lo: int, hi: int,
+                 thread_cpu_ns: int, own_ns: int) -> bool:
+    """Whether the task seems to have held its thread throughout [lo, hi): no CPU sample of the
+    thread in it (a little inside its edges, for the two clocks) is of another task, and either
+    one is of this task or the thread was busy most of the time (an idle thread means the task
+    was suspended, awaiting)."""
+    import bisect
+    lo, hi = lo + EDGE_NS, hi - EDGE_NS
+    i = bisect.bisect_left(samples, (lo, -1))
+    seen = False
+    while i < len(samples) and samples[i][0] < hi:
+        if samples[i][1] != task:
+            return False
+        seen = True
+        i += 1
+    return seen or thread_cpu_ns >= 0.5 * own_ns
 
 
 def _python_frame(stack):
@@ -163,7 +208,9 @@ def _top_functions(profile: Profile) -> dict[str, dict[str, list]]:
     """span_id -> {category: [function, file, line, ns]} from the linked profile."""
     acc: dict[str, dict[str, dict[tuple, int]]] = {}
     samples: dict[str, int] = {}
+    cpu_ns: dict[str, int] = {}
     have = {t.name for t in profile.sample_types}
+    ci = profile.index("cpu") if "cpu" in have else None
     si = profile.index("samples") if "samples" in have else None
     for (stack, labels), vec in profile.samples.items():
         span = next((v for k, v in labels if k == "span_id"), None)
@@ -171,6 +218,8 @@ def _top_functions(profile: Profile) -> dict[str, dict[str, list]]:
             continue
         if si is not None:
             samples[span] = samples.get(span, 0) + vec[si]
+        if ci is not None and vec[ci]:
+            cpu_ns[span] = cpu_ns.get(span, 0) + vec[ci]
         f = _python_frame(stack)
         if f is None:
             continue
@@ -193,6 +242,8 @@ def _top_functions(profile: Profile) -> dict[str, dict[str, list]]:
                      for cat, d in cats.items()}
     for span, n in samples.items():
         out.setdefault(span, {})["_samples"] = [n]
+    for span, ns in cpu_ns.items():
+        out.setdefault(span, {})["_cpu"] = [ns]
     return out
 
 

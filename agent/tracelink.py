@@ -6,9 +6,14 @@ the number of series stays bounded however many spans there are.
 
 Rules:
 - On one synchronous thread spans nest: the innermost active span is the one that started last.
-- Spans that overlap without nesting on one thread (asyncio tasks sharing the loop thread) get the
-  same rule, the most recently started active span wins, and such samples carry
-  `span_overlap=1` so that nobody mistakes them for exact.
+- asyncio: a span that started in a task (`spanflame.task`) belongs to that task, not to its
+  thread. With `tasks=True` (the kernel walker, whose records name the task they ran in), a
+  record in a task takes the innermost span of that task, and a record outside tasks (the event
+  loop's own code, its epoll waits) only spans that started outside tasks: requests that share
+  the loop thread never get each other's samples.
+- Without task identity (py-spy), spans that overlap without nesting on one thread (asyncio tasks
+  sharing the loop thread) get the thread rule, the most recently started active span wins, and
+  such samples carry `span_overlap=1` so that nobody mistakes them for exact.
 - A stack change py-spy saw near a span boundary on the same thread is moved onto the boundary:
   span boundaries are function calls and returns, py-spy sees the change one sampling gap late,
   and its clock is a few milliseconds off (docs/architecture.md). Without this, up to half a
@@ -103,8 +108,10 @@ class TraceLinker:
     """
 
     def __init__(self, store: SpanStore, rate_hz: int = 100,
-                 window: tuple[int, int] | None = None) -> None:
+                 window: tuple[int, int] | None = None, tasks: bool = False) -> None:
         self.store = store
+        #: records carry the asyncio task they ran in: task spans are matched by task only
+        self.tasks = tasks
         self.gap_ns = round(1e9 / rate_hz)
         self.window = window
         self._steps: dict[tuple[int, int], _Steps] = {}
@@ -119,7 +126,18 @@ class TraceLinker:
         st = self._steps.get((pid, tid))
         if st is None:
             lo, hi = self.window
-            st = self._steps[(pid, tid)] = _Steps(self.store.thread_spans(pid, tid, lo, hi))
+            spans = self.store.thread_spans(pid, tid, lo, hi)
+            if self.tasks:
+                spans = [s for s in spans if not s.task]
+            st = self._steps[(pid, tid)] = _Steps(spans)
+        return st
+
+    def _task_steps(self, pid: int, task: int) -> _Steps:
+        key = (pid, -task)  # tasks are object addresses, tids small positive numbers
+        st = self._steps.get(key)
+        if st is None:
+            lo, hi = self.window if self.window is not None else (0, 1 << 62)
+            st = self._steps[key] = _Steps(self.store.task_spans(pid, task, lo, hi))
         return st
 
     def intervals(self, pid: int, tid: int, start_ns: int, end_ns: int) -> list[Interval]:
@@ -222,9 +240,17 @@ class TraceLinker:
                 yield Piece(p.pid, p.tid, p.thread_name, iv.start_ns, iv.end_ns, p.stack,
                             p.extra_labels + self.labels(iv.span, iv.overlap))
 
-    def event_labels(self, pid: int, tid: int, start_ns: int, end_ns: int | None = None) -> Labels:
-        """Span labels for a wait [start_ns, end_ns] (its midpoint) or an instant event."""
+    def event_labels(self, pid: int, tid: int, start_ns: int, end_ns: int | None = None,
+                     task: int = 0) -> Labels:
+        """Span labels for a wait [start_ns, end_ns] (its midpoint) or an instant event, of a
+        thread, or (with `tasks`) of the asyncio task it ran in."""
         t = start_ns if end_ns is None else (start_ns + end_ns) // 2
+        if task and self.tasks:
+            st = self._task_steps(pid, task)
+            if not st.times:
+                return ()
+            iv = st.split(t, t + 1)[0]
+            return self.labels(iv.span, iv.overlap)
         if self.window is not None and self.window[0] <= t < self.window[1]:
             st = self._steps_for(pid, tid)
             if not st.times:

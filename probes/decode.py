@@ -122,24 +122,24 @@ class Decoder:
                 self.dropped += 1
                 continue
             (kind, nr, tgid, tid, ks, t0, t1, value, aux, rs, so, state, count, depth, trunc,
-             err, _h, _task) = unpack(rec)
+             err, _h, task) = unpack(rec)
             pd = per(tgid)
             py = pystack(tgid, rec, depth, trunc, err)
             if kind == EV_SAMPLE:
-                x = Sample(tgid, tid, t0 + off, value, kstack(ks), py)
+                x = Sample(tgid, tid, t0 + off, value, kstack(ks), py, task)
                 pd.samples.append(x)
                 if also is not None:
                     also.samples.append(x)
             elif kind == EV_WAIT:
                 k = kstack(ks) if ks >= 0 else self._seeds.pop((tid, t0), ())
                 x = Run(tgid, tid, rs + off if rs else None, t0 + off, t1 + off, so, state, k,
-                        aux if nr == NR_FUTEX else 0, py, _nr(nr), aux)
+                        aux if nr == NR_FUTEX else 0, py, _nr(nr), aux, task)
                 pd.runs.append(x)
                 if also is not None:
                     also.runs.append(x)
             elif kind == EV_WAIT_AGG:
                 x = ShortWaits(tgid, tid, t0 + off, t1 + off, value, count, state, kstack(ks),
-                               aux if nr == NR_FUTEX else 0, py, _nr(nr), aux)
+                               aux if nr == NR_FUTEX else 0, py, _nr(nr), aux, task)
                 pd.short_waits.append(x)
                 if also is not None:
                     also.short_waits.append(x)
@@ -153,13 +153,13 @@ class Decoder:
                 op = ("discard" if "D" in rwbs else "write" if "W" in rwbs else
                       "read" if "R" in rwbs else "other")
                 x = IoRequest(tgid, tid, t0 + off, t0 + off, value,
-                              f"{state >> 20}:{state & 0xFFFFF}", op, rwbs, py)
+                              f"{state >> 20}:{state & 0xFFFFF}", op, rwbs, py, task)
                 pd.io.append(x)
                 if also is not None:
                     also.io.append(x)
             elif kind == EV_NET:
                 x = NetBytes(tgid, tid, t0 + off, t1 + off, "send" if state == 1 else "recv",
-                             value, py)
+                             value, py, task)
                 pd.net_bytes.append(x)
                 if also is not None:
                     also.net_bytes.append(x)
@@ -192,7 +192,7 @@ class Decoder:
         if not state.off_start or len(slot) < HDR.size:
             return None
         (_kind, _cpu, _tgid, _tid, ks, _t0, _t1, _v, _aux, _rs, _so, _st, _c, depth, trunc, err,
-         _h, _task) = HDR.unpack_from(slot)
+         _h, task) = HDR.unpack_from(slot)
         off = self.clock.offset_ns
         k = self._kstack(state.kstack) if state.kstack >= 0 else self._seeds.get(
             (tid, state.off_start), ())
@@ -200,7 +200,8 @@ class Decoder:
         return Run(tgid, tid, state.run_start + off if state.run_start else None,
                    state.off_start + off, now_real, state.short_off, state.state, k,
                    state.futex_uaddr if nr == NR_FUTEX else 0,
-                   self._pystack(tgid, slot, depth, trunc, err), _nr(nr), state.futex_uaddr)
+                   self._pystack(tgid, slot, depth, trunc, err), _nr(nr), state.futex_uaddr,
+                   task)
 
     # -- stacks ---------------------------------------------------------------------------------
     def _pystack(self, tgid: int, rec: bytes, depth: int, trunc: int, err: int) -> Stack:

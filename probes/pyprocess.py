@@ -122,6 +122,7 @@ class Offsets:
     co_qualname: int | None
     co_linetable: int
     co_code_adaptive: int | None
+    gen_frame: int  # 3.11+: PyGenObject.gi_iframe; 3.10: PyFrameObject.f_gen
     str_ascii_data: int  # sizeof(PyASCIIObject)
     str_compact_data: int  # sizeof(PyCompactUnicodeObject)
 
@@ -142,6 +143,9 @@ _TABLE = {  # field: (3.10, 3.11, 3.12, 3.13, _Py_DebugOffsets index)
     "co_firstlineno": (40, 72, 68, 68, 38), "co_filename": (104, 112, 112, 112, 34),
     "co_name": (112, 120, 120, 120, 35), "co_qualname": (_N, 128, 128, 128, 36),
     "co_linetable": (120, 136, 136, 136, 37), "co_code_adaptive": (_N, 184, 192, 200, 42),
+    # checked on live objects: id(coro) + this holds the coroutine's frame (3.11+), whose code
+    # pointer is id(coro.cr_code); 3.10: the frame's f_gen is id(coro)
+    "gen_frame": (88, 80, 72, 72, _N),
     "str_ascii_data": (48, 48, 40, 40, 69), "str_compact_data": (72, 72, 56, 56, _N),
 }
 OFFSETS = {minor: Offsets(**{k: v[minor - 10] for k, v in _TABLE.items()})
@@ -175,7 +179,7 @@ class PyProcess:
         o = self.offsets
         fields = (o.ts_interp, o.ts_frame, o.cf_current, o.ts_chunk, o.ts_top, o.f_code,
                   o.f_previous, o.f_instr, o.f_owner, o.co_argcount, o.co_kwonlyargcount,
-                  o.co_flags, o.co_firstlineno, 0, 0, 0)
+                  o.co_flags, o.co_firstlineno, o.gen_frame, 0, 0)
         data = _PY_PROC.pack(self.tss_off, self.interp, self.code_type,
                              (self.version[0] << 8) | self.version[1], int(self.version < (3, 11)),
                              *(NONE if v is None else v for v in fields))

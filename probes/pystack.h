@@ -33,7 +33,9 @@
 #endif
 
 #define PY_FLAG_310 1               /* PyFrameObject chain (f_back), f_lasti an int */
+#define PY_OWNER_GENERATOR 1        /* 3.11+: a frame embedded in a generator or coroutine */
 #define PY_OWNER_CSTACK 3           /* 3.12+: a shim/entry frame owned by the C stack */
+#define PY_CO_COROUTINE 0x80
 #define PY_NO_OFFSET 0xffff
 #define PY_USER_MAX 0x00007fffffffffffULL
 
@@ -66,7 +68,7 @@ struct py_proc {
     u16 co_kwonlyargcount;
     u16 co_flags;
     u16 co_firstlineno;
-    u16 pad0;
+    u16 gen_frame;      /* 3.11+: offsetof(PyGenObject, gi_iframe); 3.10: offsetof(frame, f_gen) */
     u16 pad1;
     u16 pad2;
 };
@@ -82,14 +84,15 @@ struct py_stack_hdr {
     u8 truncated;                   /* more frames than PY_MAX_FRAMES: the outermost are cut */
     u8 err;                         /* PYE_*: why the walk stopped early (frames kept) */
     u32 hash;                       /* of the frames, to tell stacks apart cheaply */
-    u64 task;                       /* reserved: the asyncio task the stack runs in */
+    u64 task;                       /* the outermost coroutine on the stack (an asyncio task's
+                                     * coroutine: id(task.get_coro()) in Python), or 0 */
 };
 
 struct code_cache_entry {
     u64 code;
     u64 stamp;
     u32 check;
-    u32 pad;
+    u32 flags;
 };
 
 /* A frame's first bytes (3.10 needs 104: f_lasti is at 96) and a code object's (from ob_type
@@ -106,6 +109,10 @@ struct py_scratch {
     u64 hash;
     u32 n;
     u32 pad;
+    /* per frame: the coroutine/generator that owns it (3.11+: the frame address of a frame
+     * owned by a generator; 3.10: f_gen), or 0 */
+    u64 gen[PY_MAX_FRAMES];         /* bit 0: the frame was entered from C (3.12+) */
+    u64 entry_task;
 };
 
 BPF_HASH(py_procs, u32, struct py_proc, MAX_TARGETS);
@@ -130,13 +137,14 @@ static __always_inline int py_user_ptr(u64 p)
 /* The check of a code object (see probes/pyprocess.py: code_check), cached per CPU. Returns
  * 0 and sets *check, or -1 when the object is unreadable or not a code object. */
 static __always_inline int py_code_check(struct py_proc *pp, struct py_scratch *s, u64 code,
-                                         u64 now, u32 *check)
+                                         u64 now, u32 *check, u32 *flags_out)
 {
 #ifndef NO_CODE_CACHE
     u32 slot = (u32)((code >> 4) ^ (code >> 14)) & (CODE_CACHE_SLOTS - 1);
     struct code_cache_entry *c = py_code_cache.lookup(&slot);
     if (c && c->code == code && now - c->stamp < CODE_CACHE_NS) {
         *check = c->check;
+        *flags_out = c->flags;
         return 0;
     }
 #endif
@@ -151,11 +159,13 @@ static __always_inline int py_code_check(struct py_proc *pp, struct py_scratch *
     u32 flags = py_u32(s->code, pp->co_flags);
     u32 h = first * 2654435761U + argc * 40503U + kwonly * 97U + flags;
     *check = h;
+    *flags_out = flags;
 #ifndef NO_CODE_CACHE
     if (c) {
         c->code = code;
         c->stamp = now;
         c->check = h;
+        c->flags = flags;
     }
 #endif
     return 0;
@@ -249,11 +259,21 @@ static __always_inline u32 py_walk(u32 tgid, u32 which, struct py_stack_hdr *hdr
         }
         s->cur = prev;
         u32 instr;
+        u64 gen = 0;
         if (is310) {
             instr = py_u32(s->frame, pp->f_instr);
+            gen = py_u64(s->frame, pp->gen_frame);
         } else {
-            if (s->frame[pp->f_owner & 0x7f] == PY_OWNER_CSTACK)
+            u8 owner = s->frame[pp->f_owner & 0x7f];
+            if (owner == PY_OWNER_CSTACK) {
+                /* 3.12+: the frame recorded just before was entered from C; for a coroutine,
+                 * that is a task's step (Task.__step sends into it), eager or not */
+                if (n)
+                    s->gen[(n - 1) & (PY_MAX_FRAMES - 1)] |= 1;
                 continue;
+            }
+            if (owner == PY_OWNER_GENERATOR)
+                gen = frame;
             u64 ip = py_u64(s->frame, pp->f_instr);
             if (ip < code || ip - code > (1U << 24)) {
                 hdr->err = PYE_INSTR;
@@ -269,23 +289,39 @@ static __always_inline u32 py_walk(u32 tgid, u32 which, struct py_stack_hdr *hdr
         f->code = code;
         f->instr = instr;
         f->check = 0;
+        s->gen[n & (PY_MAX_FRAMES - 1)] = gen;
         s->hash = (s->hash ^ code ^ ((u64)instr << 40)) * 0x100000001b3ULL;
         s->n = n + 1;
     }
     /* Code checks in a loop of their own: inside the walk, the cache's hit and miss paths
      * multiply with the walk's own branches and the verifier gives up ("too large"). */
+    s->entry_task = 0;
     for (i = 0; i < PY_MAX_FRAMES; i++) {
         if (i >= s->n)
             break;
         struct py_frame *f = &frames[i & (PY_MAX_FRAMES - 1)];
-        u32 check = 0;
-        if (py_code_check(pp, s, f->code, now, &check)) {
+        u32 check = 0, flags = 0;
+        if (py_code_check(pp, s, f->code, now, &check, &flags)) {
             s->n = i;           /* keep the frames before the first bad code object */
             hdr->err = PYE_CODE;
             break;
         }
         f->check = check;
+        /* The running task's coroutine: the innermost coroutine frame entered from C (3.12+:
+         * an eagerly started task runs inside the frames of the code that created it), else
+         * the outermost coroutine frame (asyncio's Task.__step is C code that sends into it).
+         * Its object's address is what Python calls id(). */
+        u64 gen = s->gen[i & (PY_MAX_FRAMES - 1)];
+        if (gen && (flags & PY_CO_COROUTINE) && !s->entry_task) {
+            u64 coro = is310 ? gen : (gen & ~1ULL) - pp->gen_frame;
+            if (gen & 1)
+                s->entry_task = coro;
+            else
+                hdr->task = coro;
+        }
     }
+    if (s->entry_task)
+        hdr->task = s->entry_task;
     u32 n = s->n;
     if (s->cur && !hdr->err)
         hdr->truncated = 1;   /* frames left: too deep, or too many shim frames in between */

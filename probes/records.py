@@ -45,6 +45,7 @@ class Run(NamedTuple):
     pystack: Stack = ()
     syscall: int = -1       # the syscall the thread blocked in (-1: unknown)
     arg0: int = 0           # its first argument
+    task: int = 0           # the asyncio task's coroutine it ran in (0: none)
 
     @property
     def blocked(self) -> bool:
@@ -60,6 +61,7 @@ class Sample(NamedTuple):
     period_ns: int
     kstack: Stack
     pystack: Stack
+    task: int = 0
 
 
 class ShortWaits(NamedTuple):
@@ -78,6 +80,7 @@ class ShortWaits(NamedTuple):
     pystack: Stack
     syscall: int = -1
     arg0: int = 0
+    task: int = 0
 
     @property
     def blocked(self) -> bool:
@@ -94,6 +97,7 @@ class NetBytes(NamedTuple):
     direction: str     # "send" | "recv"
     bytes: int
     pystack: Stack
+    task: int = 0
 
 
 class IoRequest(NamedTuple):
@@ -106,6 +110,7 @@ class IoRequest(NamedTuple):
     op: str            # "read" | "write" | "discard" | "other" (flush)
     rwbs: str
     pystack: Stack = ()
+    task: int = 0
 
 
 class NetEvent(NamedTuple):

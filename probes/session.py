@@ -207,10 +207,11 @@ class ProbeSession:
                 self._decoder.add_process(proc)
                 self.procs[pid] = proc
         self.walker[pid] = why
-        b[b"targets"][key] = ctypes.c_uint8(1)
-        b[b"target_bits"][ctypes.c_uint32(pid & 0xFFFF)] = ctypes.c_uint8(1)
+        # Threads' state first, then the filter: a switch in between would find no state.
         self._targets.add(pid)
         self._seed_threads(pid, proc if why is None else None)
+        b[b"targets"][key] = ctypes.c_uint8(1)
+        b[b"target_bits"][ctypes.c_uint32(pid & 0xFFFF)] = ctypes.c_uint8(1)
         r = pyruntime.find(pid)
         if r is not None:
             self.data.gil_ranges[pid] = (r.start, r.end)

@@ -14,6 +14,7 @@
                 ['3d', 259200], ['7d', 604800]];
   var CATS = [
     ['cpu', 'CPU'], ['lock', 'lock'], ['gil', 'GIL'], ['sync', 'waiting for another thread'],
+    ['await', 'awaiting (asyncio)'],
     ['io', 'disk IO'], ['net', 'network'],
     ['other', 'other off-CPU'], ['children', 'child spans'], ['unaccounted', 'unaccounted']];
   var TYPE_HELP = {

@@ -39,7 +39,7 @@ BLOCKED = {"lock": "blocked_on_lock", "sleep": "blocked_in_sleep", "recv": "bloc
 PY_PROC = struct.Struct("<QQQII16H")
 FIELDS = ("tss_off interp code_type version flags ts_interp ts_frame cf_current ts_chunk ts_top "
           "f_code f_previous f_instr f_owner co_argcount co_kwonlyargcount co_flags "
-          "co_firstlineno pad0 pad1 pad2").split()
+          "co_firstlineno gen_frame pad1 pad2").split()
 
 
 @contextmanager

@@ -1,0 +1,79 @@
+"""asyncio: requests interleaving on one event-loop thread, each sample and wait on its own
+request's span. A real aiohttp app with the real OTel SDK and exporter (tests/programs/
+async_shop.py), under every CPython the kernel walker reads, serving 60 requests at once of
+three kinds; the kinds' own functions are the ground truth of which span a sample belongs to."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import pprof
+from tests.load import Load
+from tests.support import PROGRAMS, ROOT, SPANFLAME, assert_go_pprof_reads, is_root
+
+pytestmark = [pytest.mark.integration, pytest.mark.root,
+              pytest.mark.skipif(not is_root(), reason="eBPF needs root")]
+
+APPS = ROOT / ".venv" / "apps"
+VERSIONS = ["3.10.13", "3.11.7", "3.12.1", "3.13.0"]
+#: a kind's own work (CPU it spends inside its span) -> the span it must carry
+KINDS = {"cpu_work": "cpu_request", "parse_reply": "upstream_request",
+         "locked_work": "lock_request"}
+CLIENTS = {"/cpu": 10, "/upstream": 30, "/lock": 20}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_app(tmp_path: Path, version: str, seconds: float = 5) -> dict:
+    python = APPS / version / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"{python} missing (make test creates it when pyenv has {version})")
+    port = free_port()
+    truth, out, spans = tmp_path / "truth.json", tmp_path / "p.pb.gz", tmp_path / "spans.json"
+    app = subprocess.Popen([str(python), str(PROGRAMS / "async_shop.py"),
+                            f"http://127.0.0.1:{port}/v1/traces", str(truth), "--seconds",
+                            str(seconds + 12)], stdout=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(app.stdout.readline())
+        load = Load(f"http://127.0.0.1:{info['port']}", CLIENTS)
+        time.sleep(1)
+        res = subprocess.run([str(SPANFLAME), "attach", str(info["pid"]), "--probes", "all",
+                              "--rate", "200", "--duration", str(seconds), "--otlp-listen",
+                              f"127.0.0.1:{port}", "--span-wait", "3", "-o", str(out),
+                              "--spans-output", str(spans)],
+                             capture_output=True, text=True, timeout=120)
+        done = load.stop()
+    finally:
+        app.kill()
+        app.wait()
+    assert res.returncode == 0, res.stderr
+    assert "stacks: kernel stack walker" in res.stdout, res.stdout
+    assert min(done.values()) >= 20, done
+    assert_go_pprof_reads(out)
+    prof = pprof.decode(out.read_bytes())
+    return {"prof": prof, "spans": json.loads(spans.read_text())["spans"], "stdout": res.stdout,
+            "window": (prof.time_ns, prof.time_ns + prof.duration_ns)}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_each_kinds_cpu_carries_a_span_of_that_kind(tmp_path, version):
+    run = run_app(tmp_path, version)
+    for fn, kind in KINDS.items():
+        by_span: dict = {}
+        for stack, labels, v in run["prof"].iter_type("cpu"):
+            if any(f.name == fn for f in stack):
+                name = dict(labels).get("span_name")
+                by_span[name] = by_span.get(name, 0) + v
+        total = sum(by_span.values())
+        assert total > 0, (fn, "no CPU samples")
+        assert by_span.get(kind, 0) >= 0.95 * total, (fn, by_span)

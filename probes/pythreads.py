@@ -37,21 +37,21 @@ _KEYS_HEADER = 40  # 3.10 keys: dk_size @8, dk_nentries @32, indices @40; 3.11+ 
 _hints: dict[tuple[int, int, str], int] = {}  # (pid, dict, key) -> entry index; checked on use
 
 
-class _Bad(Exception):
+class BadMemory(Exception):
     """What we read is not what it should be (garbage, freed, or moved while we read)."""
 
 
-class _Missing(_Bad):
+class Missing(BadMemory):
     """A dict we read completely has no such key."""
 
 
-def _checked(addr: int, what: str) -> int:
+def checked_ptr(addr: int, what: str) -> int:
     if addr & 7 or not plausible(addr):
-        raise _Bad(f"{what} is not a valid pointer ({addr:#x})")
+        raise BadMemory(f"{what} is not a valid pointer ({addr:#x})")
     return addr
 
 
-_GARBAGE = (MemoryReadError, _Bad, ValueError, OverflowError, IndexError, struct.error)
+GARBAGE = (MemoryReadError, BadMemory, ValueError, OverflowError, IndexError, struct.error)
 
 
 class ThreadNames(dict):
@@ -77,15 +77,15 @@ def thread_names(proc: PyProcess, mem: ProcessMemory) -> ThreadNames:
     """
     out = ThreadNames()
     try:
-        _Reader(proc, mem).collect(out)
-    except _GARBAGE as exc:
+        ObjectReader(proc, mem).collect(out)
+    except GARBAGE as exc:
         out.fail(str(exc) or type(exc).__name__)
-    if out.errors and _gone(proc.pid):
+    if out.errors and process_gone(proc.pid):
         raise NoSuchProcess(f"process {proc.pid} exited")
     return out
 
 
-def _gone(pid: int) -> bool:
+def process_gone(pid: int) -> bool:
     """Whether the process exited (a zombie's memory is gone too)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -94,8 +94,10 @@ def _gone(pid: int) -> bool:
         return True
 
 
-class _Reader:
-    """One call's reads. Types, key strings and shared keys are cached for the call only:
+class ObjectReader:
+    """Reads sys.modules, dicts, instance attributes, ints and strs (shared with pyasync).
+
+    One call's reads. Types, key strings and shared keys are cached for the call only:
     between calls their addresses may be freed and reused."""
 
     def __init__(self, proc: PyProcess, mem: ProcessMemory) -> None:
@@ -107,17 +109,9 @@ class _Reader:
         self.tstates: dict[int, int] | None = None
 
     def collect(self, out: ThreadNames) -> None:
-        if self.minor == 13:  # _Py_DebugOffsets is authoritative; pyprocess checked its cookie
-            at = self.mem.u64(self.proc.runtime_addr + _DEBUG_IMPORTS_MODULES)
-            self.modules_off = at if 0 < at < 1 << 16 else self.modules_off
-        modules = self.ptr(self.proc.interp + self.modules_off, "interp->modules")
-        table = self.dict_table(modules)
-        try:
-            threading = self.lookup(table, "threading", modules)
-        except _Missing:  # never imported (if this is sys.modules): no thread has a name
-            self.lookup(table, "builtins", modules)
+        namespace = self.module_namespace("threading")
+        if namespace is None:  # never imported: no thread has a name
             return
-        namespace = self.ptr(threading + _MODULE_DICT, "threading.__dict__")
         active = self.lookup(self.dict_table(namespace), "_active", namespace)
         entries, complete = self.entries(*self.dict_table(active))
         if not complete:
@@ -125,7 +119,7 @@ class _Reader:
         for _, thread in entries:
             try:
                 native, name = self.thread(thread)
-            except _GARBAGE as exc:
+            except GARBAGE as exc:
                 out.fail(f"thread object at {thread:#x}: {exc}")
                 continue
             out[native] = name
@@ -133,15 +127,32 @@ class _Reader:
     def thread(self, obj: int) -> tuple[int, str]:
         attrs = self.attributes(obj)
         if "_name" not in attrs or "_ident" not in attrs:
-            raise _Bad("not a Thread: no _name or _ident attribute")
+            raise BadMemory("not a Thread: no _name or _ident attribute")
         name = self.read_str(attrs["_name"])
         try:
             native = self.read_int(attrs["_native_id"])
-        except (KeyError, _Bad):  # None until the thread ran: find its thread state by ident
+        except (KeyError, BadMemory):  # None until the thread ran: find its thread state by ident
             native = self.native_of_ident(self.read_int(attrs["_ident"]))
         if native <= 0:
-            raise _Bad(f"native thread id {native}")
+            raise BadMemory(f"native thread id {native}")
         return native, name
+
+    def module_namespace(self, module: str) -> int | None:
+        """The `__dict__` of sys.modules[module], or None if `module` was never imported."""
+        if self.minor == 13:  # _Py_DebugOffsets is authoritative; pyprocess checked its cookie
+            at = self.mem.u64(self.proc.runtime_addr + _DEBUG_IMPORTS_MODULES)
+            self.modules_off = at if 0 < at < 1 << 16 else self.modules_off
+        modules = self.ptr(self.proc.interp + self.modules_off, "interp->modules")
+        table = self.dict_table(modules)
+        try:
+            found = self.lookup(table, module, modules)
+        except Missing:
+            try:  # only sys.modules proves the module absent: it always holds builtins
+                self.lookup(table, "builtins", modules)
+            except Missing:
+                raise BadMemory("no 'builtins' in what should be sys.modules") from None
+            return None
+        return self.ptr(found + _MODULE_DICT, f"{module}.__dict__")
 
     # -- objects
 
@@ -153,17 +164,18 @@ class _Reader:
             return self.mem.read(addr, minimum)
 
     def ptr(self, addr: int, what: str) -> int:
-        return _checked(self.mem.u64(addr), what)
+        return checked_ptr(self.mem.u64(addr), what)
 
     def type_info(self, header: bytes) -> tuple[int, int, int, int]:
         """(tp_basicsize, tp_flags, tp_dictoffset, ht_cached_keys or 0) of a header's type."""
         tp = int.from_bytes(header[8:16], "little")
         if tp not in self.types:
-            raw = self.peek(_checked(tp, "ob_type"), self.cached_keys_off + 8, _TP_DICTOFFSET + 8)
+            tp = checked_ptr(tp, "ob_type")
+            raw = self.peek(tp, self.cached_keys_off + 8, _TP_DICTOFFSET + 8)
             (basic,), (flags,), (dictoff,) = (struct.unpack_from(f, raw, at) for f, at in (
                 ("<q", _TP_BASICSIZE), ("<Q", _TP_FLAGS), ("<q", _TP_DICTOFFSET)))
             if not 16 <= basic <= 1 << 16:
-                raise _Bad(f"implausible type at {tp:#x}")
+                raise BadMemory(f"implausible type at {tp:#x}")
             heap = flags & _HEAPTYPE and len(raw) > self.cached_keys_off
             keys = int.from_bytes(raw[self.cached_keys_off:], "little") if heap else 0
             self.types[tp] = (basic, flags, dictoff, keys)
@@ -174,12 +186,12 @@ class _Reader:
         o = self.proc.offsets
         raw = self.peek(addr, 128, o.str_compact_data)
         if int.from_bytes(raw[8:16], "little") != self.proc.unicode_type:
-            raise _Bad(f"not a str at {addr:#x}")
+            raise BadMemory(f"not a str at {addr:#x}")
         length = int.from_bytes(raw[16:24], "little", signed=True)
         state = int.from_bytes(raw[32:36], "little")
         kind, compact, ascii_ = (state >> 2) & 7, (state >> 5) & 1, (state >> 6) & 1
         if not compact or kind not in (1, 2, 4) or (ascii_ and kind != 1) or length < 0:
-            raise _Bad(f"not a compact str at {addr:#x}")
+            raise BadMemory(f"not a compact str at {addr:#x}")
         data_off = o.str_ascii_data if ascii_ else o.str_compact_data
         end = data_off + min(length, MAX_NAME_CHARS) * kind
         if len(raw) < end:
@@ -192,7 +204,7 @@ class _Reader:
         if addr not in self.strs:
             try:
                 self.strs[addr] = self.read_str(addr)
-            except (_Bad, MemoryReadError):
+            except (BadMemory, MemoryReadError):
                 self.strs[addr] = None
         return self.strs[addr]
 
@@ -200,19 +212,19 @@ class _Reader:
         """A PyLong's value (3.10/3.11: signed ob_size; 3.12+: lv_tag, sign in the low bits)."""
         raw = self.peek(addr, 24 + 4 * MAX_DIGITS, 24)
         if not self.type_info(raw)[1] & _LONG_SUBCLASS:
-            raise _Bad(f"not an int at {addr:#x}")
+            raise BadMemory(f"not an int at {addr:#x}")
         tag = int.from_bytes(raw[16:24], "little", signed=True)
         if self.minor >= 12:
             ndigits, sign = tag >> 3, (0 if tag & 3 == 1 else -1 if tag & 3 == 2 else 1)
         else:
             ndigits, sign = abs(tag), (tag > 0) - (tag < 0)
         if not 0 <= ndigits <= MAX_DIGITS or (sign == 0) != (ndigits == 0):
-            raise _Bad(f"implausible int at {addr:#x}")
+            raise BadMemory(f"implausible int at {addr:#x}")
         if len(raw) < 24 + 4 * ndigits:
             raw += self.mem.read(addr + 24, 4 * ndigits)
         digits = struct.unpack_from(f"<{ndigits}I", raw, 24)
         if any(d >> 30 for d in digits):
-            raise _Bad(f"implausible int digits at {addr:#x}")
+            raise BadMemory(f"implausible int digits at {addr:#x}")
         return sign * sum(d << (30 * i) for i, d in enumerate(digits))
 
     # -- dicts and instance attributes: a table is (keys object, values array or 0)
@@ -220,9 +232,9 @@ class _Reader:
     def dict_table(self, addr: int) -> tuple[int, int]:
         raw = self.mem.read(addr, _DICT_HEADER)
         if not self.type_info(raw)[1] & _DICT_SUBCLASS:
-            raise _Bad(f"not a dict at {addr:#x}")
+            raise BadMemory(f"not a dict at {addr:#x}")
         keys, values = struct.unpack_from("<QQ", raw, 32)
-        return _checked(keys, "ma_keys"), values and _checked(values, "ma_values")
+        return checked_ptr(keys, "ma_keys"), values and checked_ptr(values, "ma_values")
 
     def attributes(self, obj: int) -> dict[str, int]:
         """An instance's str-keyed attributes: name -> object address."""
@@ -239,15 +251,15 @@ class _Reader:
                 inline = not dict_ and flags & _INLINE_VALUES and self.mem.read(obj + basic, 4)[3]
                 values = obj + basic if inline else 0
             if values:
-                return self.named((_checked(cached_keys, "ht_cached_keys"), values))
+                return self.named((checked_ptr(cached_keys, "ht_cached_keys"), values))
         elif dictoff <= 0 or dictoff > basic - 8:
-            raise _Bad(f"type without an instance dict (tp_dictoffset {dictoff})")
+            raise BadMemory(f"type without an instance dict (tp_dictoffset {dictoff})")
         else:  # 3.10 (and types without a managed dict): a dict pointer inside the object
             at = pre + dictoff
             dict_ = self.mem.u64(obj + dictoff) if at + 8 > len(raw) else (
                 int.from_bytes(raw[at:at + 8], "little"))
         if not dict_:
-            raise _Bad("instance has neither values nor a dict")
+            raise BadMemory("instance has neither values nor a dict")
         return self.named(self.dict_table(dict_))
 
     def named(self, table: tuple[int, int]) -> dict[str, int]:
@@ -270,8 +282,9 @@ class _Reader:
                 _hints[hint_key] = index
                 return value
         if not complete:
-            raise _Bad(f"no {name!r} in the first {MAX_ENTRIES} entries of the dict at {where:#x}")
-        raise _Missing(f"no {name!r} in the dict at {where:#x}")
+            raise BadMemory(f"no {name!r} in the first {MAX_ENTRIES} entries of the dict at "
+                            f"{where:#x}")
+        raise Missing(f"no {name!r} in the dict at {where:#x}")
 
     def entries(self, keys: int, values: int, only: int | None = None,
                 indexed: bool = False) -> tuple[list, bool]:
@@ -290,12 +303,12 @@ class _Reader:
             end = pairs[-1][0] + 1
             raw = self.mem.read(values, self.values_off + 8 * end)
             if self.minor >= 13 and end > raw[0]:  # 3.13 PyDictValues starts with its capacity
-                raise _Bad("inline values shorter than the shared keys")
+                raise BadMemory("inline values shorter than the shared keys")
             vals = struct.unpack_from(f"<{end}Q", raw, self.values_off)
             pairs = [(i, k, vals[i]) for i, k, _ in pairs]
         live = [(i, k, v) for i, k, v in pairs if k and v]
         if any(k & 7 or v & 7 or not plausible(k) or not plausible(v) for _, k, v in live):
-            raise _Bad(f"dict keys at {keys:#x} hold bad pointers")
+            raise BadMemory(f"dict keys at {keys:#x} hold bad pointers")
         complete = only is not None or len(pairs) == nentries
         return (live if indexed else [(k, v) for _, k, v in live]), complete
 
@@ -305,7 +318,7 @@ class _Reader:
         if self.minor == 10:
             size, nentries = (struct.unpack_from("<q", raw, at)[0] for at in (8, 32))
             if size < 8 or size & (size - 1) or size > 1 << 26:
-                raise _Bad(f"dict keys at {keys:#x}: size {size}")
+                raise BadMemory(f"dict keys at {keys:#x}: size {size}")
             index_bytes = size * (1 if size <= 0xFF else 2 if size <= 0xFFFF else 4)
             start, width = 40 + index_bytes, 24
         else:
@@ -313,11 +326,11 @@ class _Reader:
             nentries = struct.unpack_from("<q", raw, 24)[0]
             wide = 0 if log2_size < 8 else 1 if log2_size < 16 else 2 if log2_size < 32 else 3
             if not 3 <= log2_size <= 26 or log2_index != log2_size + wide or kind > 2:
-                raise _Bad(f"dict keys at {keys:#x}: bad header")
+                raise BadMemory(f"dict keys at {keys:#x}: bad header")
             start, width = 32 + (1 << log2_index), 24 if kind == 0 else 16
             size = 1 << log2_size
         if not 0 <= nentries <= size:
-            raise _Bad(f"dict keys at {keys:#x}: {nentries} entries in {size} slots")
+            raise BadMemory(f"dict keys at {keys:#x}: {nentries} entries in {size} slots")
         if only is not None:
             first, count = only, int(0 <= only < nentries)
         else:
@@ -333,15 +346,15 @@ class _Reader:
     def native_of_ident(self, ident: int) -> int:
         o = self.proc.offsets
         if o.ts_native_thread_id is None:
-            raise _Bad("_native_id unset and 3.10 thread states hold no native id")
+            raise BadMemory("_native_id unset and 3.10 thread states hold no native id")
         if self.tstates is None:
             self.tstates, addr = {}, self.mem.u64(self.proc.interp + o.interp_threads)
             span = max(o.ts_next, o.ts_thread_id, o.ts_native_thread_id) + 8
             while addr and len(self.tstates) < MAX_THREADS:
-                raw = self.mem.read(_checked(addr, "thread state"), span)
+                raw = self.mem.read(checked_ptr(addr, "thread state"), span)
                 thread_id, native, addr = (struct.unpack_from("<Q", raw, at)[0] for at in
                                            (o.ts_thread_id, o.ts_native_thread_id, o.ts_next))
                 self.tstates[thread_id] = native
         if ident not in self.tstates:
-            raise _Bad(f"no thread state for ident {ident:#x}")
+            raise BadMemory(f"no thread state for ident {ident:#x}")
         return self.tstates[ident]

@@ -114,7 +114,9 @@ def fill_sample_counts(profile: Profile) -> None:
     if not profile.has_type("samples") or not profile.period:
         return
     si = profile.index("samples")
-    time_idx = [i for i, t in enumerate(profile.sample_types) if t.unit == "nanoseconds"]
+    # Await time is not sampled (asyncio tasks awaiting, observed by polling): no samples.
+    time_idx = [i for i, t in enumerate(profile.sample_types)
+                if t.unit == "nanoseconds" and t.name != "await"]
     if not time_idx:
         return
     period = profile.period

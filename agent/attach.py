@@ -194,9 +194,19 @@ def _attach_kernel(options: AttachOptions, session, receiver, progress, stop) ->
 
     pid = options.pid
     names = ThreadNameCache(pid, session.procs.get(pid))
+    poller = None
+    if receiver is not None and pid in session.procs:  # what suspended asyncio tasks await
+        from agent.awaits import AwaitPoller
+        poller = AwaitPoller().start()
+        poller.watch(session.procs[pid])
+        receiver.store.on_add(poller.want)
     start_ns = session.data.start_ns
     t0 = time.monotonic()
-    interrupted = _wait_alive(pid, options.duration_s, t0, progress, stop)
+    try:
+        interrupted = _wait_alive(pid, options.duration_s, t0, progress, stop)
+    finally:
+        if poller is not None:
+            poller.close()
     elapsed = time.monotonic() - t0
     names.refresh()
     data = session.close()
@@ -208,6 +218,9 @@ def _attach_kernel(options: AttachOptions, session, receiver, progress, stop) ->
     for p in options.probes:
         if p in ("cpu", "wall") or p in session.active:
             types += [t for t in PROBE_TYPES[p] if t not in types]
+    awaits = poller.window(pid, start_ns, end_ns) if poller is not None else []
+    if awaits and "offcpu" in session.active:
+        types.append("await")
     types.sort(key=list(SAMPLE_TYPES).index)
     profile = new_profile(types, options.rate_hz, start_ns, end_ns)
     linker = None
@@ -220,6 +233,10 @@ def _attach_kernel(options: AttachOptions, session, receiver, progress, stop) ->
     waits = add_records(profile, pid, data, python_stack=kernel_python_stack,
                         window=(start_ns, end_ns), linker=linker, thread_names=names.get(),
                         cpu=cpu)
+    if awaits:
+        from agent.recordprofile import add_awaits
+        waits.await_ns = add_awaits(profile, pid, awaits, window=(start_ns, end_ns),
+                                    linker=linker, thread_names=names.get())
     fill_sample_counts(profile)
     notes = []
     if interrupted:

@@ -106,6 +106,9 @@ def build_kernel_window(agent, job) -> None:
     for p in agent.opts.probes:
         if p in ("cpu", "wall") or p in agent.session.active:
             types += [t for t in agent.probe_types[p] if t not in types]
+    awaits = agent.awaits.window(pid, start, end) if agent.awaits is not None else []
+    if awaits and "offcpu" in agent.session.active:
+        types.append("await")
     types.sort(key=list(SAMPLE_TYPES).index)
     profile = new_profile(types, agent.opts.rate_hz, start, end)
     names = agent.kernel_windows.names.get(pid) or ThreadNameCache(pid)
@@ -114,6 +117,10 @@ def build_kernel_window(agent, job) -> None:
     cpu = RunsCpu(data, pid, start, end)
     add_records(profile, pid, data, python_stack=kernel_python_stack, window=(start, end),
                 linker=linker, thread_names=names.get(), cpu=cpu)
+    if awaits:
+        from agent.recordprofile import add_awaits
+        add_awaits(profile, pid, awaits, window=(start, end), linker=linker,
+                   thread_names=names.get())
     fill_sample_counts(profile)
     agent.store_window(job, profile, types, cpu, data)
     if not agent.kernel_windows.names.get(pid) and pid in agent.kernel_windows.names:

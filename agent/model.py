@@ -59,6 +59,7 @@ SAMPLE_TYPES: dict[str, SampleType] = _types(
     ("io_wait", "nanoseconds", "time waiting for block IO"),
     ("io", "bytes", "block IO bytes submitted"),
     ("net_wait", "nanoseconds", "time blocked waiting on the network"),
+    ("await", "nanoseconds", "time an asyncio task was suspended, on the stack it awaited in"),
     ("net_send", "bytes", "TCP bytes sent"),
     ("net_recv", "bytes", "TCP bytes received"),
     ("tcp_retransmits", "count", "TCP retransmitted segments"),

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from agent.aggregate import thread_labels
+from agent.awaits import WHAT_WORDS
 from agent.model import Frame, Labels, Profile, Stack, make_labels
 from agent.reasons import MARKER_FRAMES, REASONS, WAIT_TYPE, classify
 from probes.records import ProbeData
@@ -49,6 +50,7 @@ class WaitSummary:
     net_send: int = 0
     net_recv: int = 0
     retransmits: int = 0
+    await_ns: int = 0
     connects: list[int] = field(default_factory=list)
 
 
@@ -235,3 +237,28 @@ def _weighted_samples(pid: int, samples, cpu, lo: int, hi: int, linker, labels):
             yield ss[i], labels(tid, ss[i].t_ns), ns
         for lab, ns in orphans.items():
             yield None, lab, ns
+
+
+def add_awaits(profile: Profile, pid: int, observations, *, window: tuple[int, int],
+               linker=None, thread_names: dict[int, str] | None = None) -> int:
+    """Add what suspended asyncio tasks awaited (agent/awaits.py) as `await` samples, on the
+    stack each awaited in, labelled with the task's span (the span's thread is the thread
+    label). Returns the nanoseconds added."""
+    if not profile.has_type("await"):
+        return 0
+    lo, hi = window
+    names = thread_names or {}
+    total = 0
+    for o in observations:
+        if o.tgid != pid or not lo <= o.t_ns < hi:
+            continue
+        span = linker.task_span_at(pid, o.task, o.t_ns) if linker is not None else None
+        tid = span.tid if span is not None else 0
+        extra = list(linker.labels(span)) if span is not None else []
+        extra.append(("awaiting", o.what or "other"))
+        marker = Frame(f"[awaiting {WHAT_WORDS.get(o.what) or 'something'}]")
+        profile.add((marker,) + o.stack,
+                    thread_labels(pid, tid, names.get(tid, ""), make_labels(extra)),
+                    {"await": o.weight_ns})
+        total += o.weight_ns
+    return total

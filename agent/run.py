@@ -289,6 +289,7 @@ class Agent:
         self.sources: dict[int, tuple[str, str]] = {}
         self.probe_types = PROBE_TYPES
         self.kernel_windows = None
+        self.awaits = None
         self.session = None
         self.bpf_on = False
         self.walker_on = False
@@ -337,6 +338,10 @@ class Agent:
                 log.warning("probe %s off: %s", name, why)
                 self.metrics.degraded.labels(what=f"probe {name} off").set(1)
         self.kernel_windows = KernelWindows(self, self.opts.window_s).start()
+        if self.walker_on:  # what suspended asyncio tasks with open spans await
+            from agent.awaits import AwaitPoller
+            self.awaits = AwaitPoller().start()
+            self.spans.on_add(self.awaits.want)
         if self.opts.export_pyroscope:
             from agent.pyroscope_export import PyroscopeExporter
             self.exporter = PyroscopeExporter(
@@ -380,6 +385,8 @@ class Agent:
             self.kernel_windows.close()
             if self.session is not None:
                 self.session.drain()
+        if self.awaits is not None:
+            self.awaits.close()
         self.pipeline.close(flush=True)
         self._persist_spans(final=True)
         if self.session is not None:
@@ -449,6 +456,8 @@ class Agent:
             if source == "bpf":
                 kw.remove(pid)
                 self._kernel_keys.pop(pid, None)
+                if self.awaits is not None:
+                    self.awaits.unwatch(pid)
             if self.session is not None:
                 self.session.remove_target(pid)
             del self.sources[pid]
@@ -468,6 +477,8 @@ class Agent:
                 self.sources[pid] = ("bpf", "")
                 self._kernel_keys[pid] = t.key
                 kw.add(t, labels)
+                if self.awaits is not None and pid in self.session.procs:
+                    self.awaits.watch(self.session.procs[pid])
                 log.info("profiling PID %d (%s) with the kernel stack walker", pid, t.name)
             elif self.opts.sampler == "bpf":
                 self.sources[pid] = ("none", why)
@@ -634,6 +645,8 @@ class Agent:
         if self.session is not None and self.bpf_on:
             oldest = time.time_ns() - int((self.opts.span_wait_s + 3 * self.opts.window_s) * 1e9)
             self.session.prune(oldest)
+            if self.awaits is not None:
+                self.awaits.prune(oldest)
             for k, v in self.session.read_counters().items():
                 self.metrics.probe_drops.labels(kind=k).set(v)
         self._adapt_rate()

@@ -17,6 +17,7 @@ from typing import Iterable
 from agent.model import Profile
 from agent.spans import SpanRecord, SpanStore
 from agent.timeline import CpuTimeline
+from agent.awaits import WHAT_WORDS, user_frame
 from agent.waits import classify
 
 #: how far inside a span's edges a sample must be to say something about the span (the app's
@@ -133,17 +134,19 @@ def breakdowns(spans: Iterable[SpanRecord], store: SpanStore, cpu: CpuTimeline |
         b = SpanBreakdown(s.trace_id, s.span_id, s.parent_span_id, s.name, s.service, s.pid,
                           s.tid, s.start_ns, s.duration_ns, s.status)
         b.children_ns = (hi - lo) - sum(y - x for x, y in own)
-        if s.task and (cpu is None or
-                       not _held_thread(samples_by_tid.get(s.tid, ()), s.task, lo, hi,
-                                        sum(cpu.oncpu_ns(s.tid, x, y) for x, y in own),
-                                        sum(y - x for x, y in own))):
-            # other tasks may have run on the thread during the span: its CPU is its samples'
+        # A task span whose task kept its thread throughout is like a thread's span; one that
+        # let other tasks run (it awaited) has its own samples' CPU, its own waits, and the
+        # rest of its time it was suspended: awaiting.
+        in_task = bool(s.task) and (cpu is None or not _held_thread(
+            samples_by_tid.get(s.tid, ()), s.task, lo, hi,
+            sum(cpu.oncpu_ns(s.tid, x, y) for x, y in own), sum(y - x for x, y in own)))
+        if in_task:
             b.cpu_ns = top.get(s.span_id, {}).get("_cpu", [0])[0]
-        elif cpu is not None:  # (a task that held the thread throughout has the thread's CPU)
+        elif cpu is not None:
             b.cpu_ns = sum(cpu.oncpu_ns(s.tid, x, y) for x, y in own)
         observed = b.cpu_ns
         for a, e, reason, task in waits_by_tid.get(s.tid, ()):
-            if s.task and task != s.task:
+            if in_task and task != s.task:
                 continue
             ns = _overlap(own, a, e)
             if ns:
@@ -152,7 +155,7 @@ def breakdowns(spans: Iterable[SpanRecord], store: SpanStore, cpu: CpuTimeline |
                 observed += ns
         short_known = 0
         for a, e, total, reason, task in shorts_by_tid.get(s.tid, ()):
-            if s.task and task != s.task:
+            if in_task and task != s.task:
                 continue
             ns = _overlap(own, a, e)
             if ns:  # spread evenly over the stretch the short waits were added up in
@@ -160,7 +163,7 @@ def breakdowns(spans: Iterable[SpanRecord], store: SpanStore, cpu: CpuTimeline |
                 cat = _REASON_CATEGORY[reason]
                 setattr(b, f"{cat}_ns", getattr(b, f"{cat}_ns") + ns)
                 short_known += ns
-        runs = runs_by_tid.get(s.tid) if not s.task else None
+        runs = runs_by_tid.get(s.tid) if not in_task else None
         if runs:  # absences inside runs, shorter than the off-CPU threshold
             in_runs = sum(_overlap(own, a, e) for a, e in runs)
             short = max(0, in_runs - b.cpu_ns - short_known)
@@ -168,7 +171,7 @@ def breakdowns(spans: Iterable[SpanRecord], store: SpanStore, cpu: CpuTimeline |
             observed += short
         observed += short_known
         own_ns = sum(y - x for x, y in own)
-        if s.task:  # the rest of a task's own time it was suspended: awaiting
+        if in_task:
             b.await_ns = max(0, own_ns - observed)
             observed += b.await_ns
         b.unaccounted_ns = max(0, own_ns - observed)
@@ -224,11 +227,19 @@ def _top_functions(profile: Profile) -> dict[str, dict[str, list]]:
         if f is None:
             continue
         reason_cat = None
+        awaiting = ""
         for k, v in labels:
             if k == "reason":
                 reason_cat = _REASON_CATEGORY.get(str(v))
+            elif k == "awaiting":
+                awaiting = str(v)
+        if awaiting and "await" in have and vec[profile.index("await")]:
+            uf = user_frame(stack) or f
+            d = acc.setdefault(span, {}).setdefault("await", {})
+            key = (uf.name, uf.filename, uf.line, awaiting)
+            d[key] = d.get(key, 0) + vec[profile.index("await")]
         for cat, t in CATEGORY_TYPE.items():
-            if t in have:
+            if t in have and cat != "await":
                 if t == "off_cpu" and reason_cat != cat:
                     continue
                 v = vec[profile.index(t)]
@@ -238,8 +249,11 @@ def _top_functions(profile: Profile) -> dict[str, dict[str, list]]:
                     d[key] = d.get(key, 0) + v
     out: dict[str, dict[str, list]] = {}
     for span, cats in acc.items():
-        out[span] = {cat: list(max(d.items(), key=lambda kv: kv[1])[0]) + [max(d.values())]
-                     for cat, d in cats.items()}
+        out[span] = {}
+        for cat, d in cats.items():
+            key, ns = max(d.items(), key=lambda kv: kv[1])
+            # [function, file, line, ns] (await: and what it awaited, fifth)
+            out[span][cat] = list(key[:3]) + [ns] + list(key[3:])
     for span, n in samples.items():
         out.setdefault(span, {})["_samples"] = [n]
     for span, ns in cpu_ns.items():
@@ -258,6 +272,8 @@ def cause(b: SpanBreakdown) -> str:
     cat, ns = max(parts.items(), key=lambda kv: kv[1])
     text = f"{round(100 * ns / total)}% {_WORDS[cat]}"
     fn = b.top.get(cat)
+    if cat == "await" and fn and len(fn) > 4 and WHAT_WORDS.get(fn[4]):
+        text += " " + WHAT_WORDS[fn[4]]
     if fn:
         name, filename, line = fn[0], fn[1], fn[2]
         short = filename.rsplit("/", 1)[-1]

@@ -240,6 +240,11 @@ class TraceLinker:
                 yield Piece(p.pid, p.tid, p.thread_name, iv.start_ns, iv.end_ns, p.stack,
                             p.extra_labels + self.labels(iv.span, iv.overlap))
 
+    def task_span_at(self, pid: int, task: int, t_ns: int) -> SpanRecord | None:
+        """The innermost span of an asyncio task at t_ns."""
+        st = self._task_steps(pid, task)
+        return st.split(t_ns, t_ns + 1)[0].span if st.times else None
+
     def event_labels(self, pid: int, tid: int, start_ns: int, end_ns: int | None = None,
                      task: int = 0) -> Labels:
         """Span labels for a wait [start_ns, end_ns] (its midpoint) or an instant event, of a

@@ -71,6 +71,7 @@ class ActiveTasks(list):
 
     errors = 0
     error: str | None = None
+    present = False  # the registry exists (the module is imported and has the name)
 
     def fail(self, reason: str) -> None:
         self.errors += 1
@@ -90,6 +91,7 @@ def active_tasks(proc: PyProcess, mem: ProcessMemory, module: str = "agent.otel"
         namespace = reader.module_namespace(module)
         if namespace is not None:
             registry = reader.lookup(reader.dict_table(namespace), name, namespace)
+            out.present = True
             entries, complete = reader.entries(*reader.dict_table(registry))
             if not complete:
                 out.fail(f"{module}.{name} holds more than {MAX_ENTRIES} entries")

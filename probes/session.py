@@ -311,11 +311,18 @@ class ProbeSession:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        end_ns = time.time_ns()
         if self._bpf is not None:
             try:
+                # Stop recording first (the programs stay, but nothing is a target any more),
+                # so that what the records cover ends where the profile says it ends.
+                bits = self._bpf[b"target_bits"]
+                for pid in self._targets:
+                    bits[ctypes.c_uint32(pid & 0xFFFF)] = ctypes.c_uint8(0)
+                end_ns = time.time_ns()
                 self._drain(final=True)
                 self.data.open_runs = self._open_state()
-                self.data.open_waits = self._open_waits(None)
+                self.data.open_waits = self._open_waits(None, end_ns)
                 self._read_counters()
             except Exception:  # loop edge: keep what we have
                 log.exception("final probe read failed")
@@ -324,7 +331,7 @@ class ProbeSession:
                 self._bpf = None
         if self._decoder is not None:
             self._decoder.close()
-        self.data.end_ns = time.time_ns()
+        self.data.end_ns = end_ns
         return self.data
 
     # -- draining -----------------------------------------------------------------------------
@@ -380,10 +387,10 @@ class ProbeSession:
             out[tid] = (v.tgid, start, end, v.short_off)
         return out
 
-    def _open_waits(self, pid: int | None) -> list:
+    def _open_waits(self, pid: int | None, now: int | None = None) -> list:
         """Waits still going on now (of `pid`, or of every target), each with its stack."""
         b, d = self._bpf, self._decoder
-        now = time.time_ns()
+        now = now or time.time_ns()
         stacks = b[b"tstacks"]
         out = []
         for k, v in b[b"tstates"].items_lookup_batch():

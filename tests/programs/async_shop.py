@@ -115,7 +115,7 @@ async def upstream(reader, writer):
 async def holder():
     while True:
         async with lock:
-            await asyncio.sleep(0.03)
+            await asyncio.sleep(0.05)
         await asyncio.sleep(0.001)
 
 

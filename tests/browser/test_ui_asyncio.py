@@ -1,0 +1,83 @@
+"""The slow-span list of an asyncio app: dozens of requests share one event-loop thread, and each
+span's cause names what its own request awaited, in its own function (never a neighbour's).
+A real aiohttp app (tests/programs/async_shop.py, OTel SDK and exporter) under `spanflame run`,
+driven by 60 concurrent clients."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests.integration.test_asyncio import APPS, CLIENTS
+from tests.integration.test_run import AgentProc
+from tests.load import Load
+from tests.support import ARTIFACTS, PROGRAMS, hot_line, is_root
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
+
+VERSION = "3.12.1"
+OWN = {"upstream_request": rf"^\d+% awaiting the network in fetch_upstream \(async_shop\.py:"
+                           rf"{hot_line('async_shop', 'AS-UPSTREAM')}\)$",
+       "lock_request": rf"^\d+% awaiting a lock in take_lock \(async_shop\.py:"
+                       rf"{hot_line('async_shop', 'AS-LOCK')}\)$"}
+OTHERS = ("fetch_upstream", "take_lock", "cpu_work", "burn")
+
+
+@pytest.fixture(scope="module")
+def asyncio_shop(tmp_path_factory):
+    if not is_root():
+        pytest.skip("the agent's probes need root")
+    python = APPS / VERSION / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"{python} missing")
+    d = tmp_path_factory.mktemp("ui-asyncio")
+    agent = AgentProc(d / "store", "--include", "async_shop", "--rate", "100", "--window", "5",
+                      "--cpu-budget", "200")
+    app = subprocess.Popen([str(python), str(PROGRAMS / "async_shop.py"), agent.otlp,
+                            str(d / "truth.json"), "--seconds", "15"],
+                           stdout=subprocess.PIPE, text=True)
+    load = None
+    try:
+        info = json.loads(app.stdout.readline())
+        load = Load(f"http://127.0.0.1:{info['port']}", CLIENTS)
+        app.wait(timeout=60)
+        load.stop()
+        deadline = time.time() + 90
+        while httpx.get(f"{agent.url}/healthz", timeout=10).json()["pending_windows"] or \
+                not _spans(agent.url, "lock_request"):
+            assert time.time() < deadline, "windows were not stored"
+            time.sleep(1)
+        yield {"url": agent.url}
+    finally:
+        if load is not None:
+            load.stop()
+        if app.poll() is None:
+            app.kill()
+        app.wait()
+        agent.stop()
+
+
+def _spans(url: str, name: str) -> list[dict]:
+    r = httpx.get(f"{url}/api/spans", params={"from": time.time() - 900, "limit": 100,
+                                              "name": name}, timeout=30)
+    return [s for s in r.json() if s["breakdown"]]
+
+
+def test_each_request_awaits_in_its_own_function(page, asyncio_shop):
+    for name, pattern in OWN.items():
+        page.goto(f"{asyncio_shop['url']}/spans?range=15m&name={name}")
+        page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        causes = page.locator("tr.sf-span-row .sf-cause").all_inner_texts()
+        assert len(causes) >= 20, (name, causes)
+        own = [c for c in causes if re.match(pattern, c)]
+        assert len(own) >= 0.95 * len(causes), (name, causes)
+        own_fn = pattern.split(" in ")[1].split(" ")[0]
+        wrong = [c for c in causes if any(f" in {o} " in c for o in OTHERS if o != own_fn)]
+        assert not wrong, (name, wrong)
+    page.screenshot(path=str(ARTIFACTS / "ui-asyncio-spans.png"), full_page=True)
+    assert not page.errors, page.errors

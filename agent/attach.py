@@ -138,8 +138,11 @@ def attach(options: AttachOptions, *, progress: Callable[[float], None] | None =
         why = ""
         if options.sampler != "py-spy":
             from probes.session import ProbeSession
+            # Drained often: a frame is named from the process's memory when first seen, and
+            # a target that exits takes its memory with it.
             session = ProbeSession(bpf + ["cpu"], rate_hz=options.rate_hz,
-                                   offcpu_min_ns=options.offcpu_threshold_ns)
+                                   offcpu_min_ns=options.offcpu_threshold_ns,
+                                   drain_interval_s=0.05)
             session.start([options.pid])
             if session.loaded and session.walker.get(options.pid) is None:
                 result = _attach_kernel(options, session, receiver, progress, stop)
@@ -487,6 +490,12 @@ def _attach_timeline(options: AttachOptions, session, receiver, progress, stop) 
         mine = [s for s in store.all() if s.pid == pid]
         result.span_breakdowns = breakdowns(mine, store, cpu, data, profile,
                                             window=(start_ns, end_ns))
+        in_tasks = sum(1 for sp in mine if sp.task)
+        if in_tasks:
+            result.notes.append(
+                f"asyncio: {in_tasks} spans ran in tasks; py-spy cannot tell tasks apart, so "
+                "samples on their event loop's thread carry the span started last (marked "
+                "span_overlap=1); the kernel walker (--sampler bpf) links each to its own task")
     return result
 
 

@@ -521,6 +521,12 @@ class Agent:
         """A py-spy window: its timelines calibrated, snapped to span boundaries, split into CPU
         by exact runs (with probes) or schedstat, and the probes' waits put on what py-spy saw."""
         from agent.tracelink import TraceLinker
+
+        if any(s.task for s in self.spans.all() if s.pid == job.target.pid):
+            self._warn_once(f"asyncio-pyspy:{job.target.pid}",
+                            "PID %d runs spans in asyncio tasks but its stacks come from py-spy, "
+                            "which cannot tell tasks apart: samples on its event loop's thread "
+                            "carry the span started last (span_overlap=1)", job.target.pid)
         from agent.waits import RunsCpu, add_probe_samples, run_pieces
 
         pid = job.target.pid

@@ -34,7 +34,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_app(tmp_path: Path, version: str, seconds: float = 5) -> dict:
+def run_app(tmp_path: Path, version: str, seconds: float = 5, extra=()) -> dict:
     python = APPS / version / "bin" / "python"
     if not python.exists():
         pytest.skip(f"{python} missing (make test creates it when pyenv has {version})")
@@ -50,24 +50,24 @@ def run_app(tmp_path: Path, version: str, seconds: float = 5) -> dict:
         res = subprocess.run([str(SPANFLAME), "attach", str(info["pid"]), "--probes", "all",
                               "--rate", "200", "--duration", str(seconds), "--otlp-listen",
                               f"127.0.0.1:{port}", "--span-wait", "3", "-o", str(out),
-                              "--spans-output", str(spans)],
+                              "--spans-output", str(spans), *extra],
                              capture_output=True, text=True, timeout=120)
         done = load.stop()
     finally:
         app.kill()
         app.wait()
     assert res.returncode == 0, res.stderr
-    assert "stacks: kernel stack walker" in res.stdout, res.stdout
     assert min(done.values()) >= 20, done
     assert_go_pprof_reads(out)
     prof = pprof.decode(out.read_bytes())
     return {"prof": prof, "spans": json.loads(spans.read_text())["spans"], "stdout": res.stdout,
-            "window": (prof.time_ns, prof.time_ns + prof.duration_ns)}
+            "stderr": res.stderr, "window": (prof.time_ns, prof.time_ns + prof.duration_ns)}
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_each_kinds_cpu_carries_a_span_of_that_kind(tmp_path, version):
     run = run_app(tmp_path, version)
+    assert "stacks: kernel stack walker" in run["stdout"], run["stdout"]
     for fn, kind in KINDS.items():
         by_span: dict = {}
         for stack, labels, v in run["prof"].iter_type("cpu"):
@@ -77,3 +77,25 @@ def test_each_kinds_cpu_carries_a_span_of_that_kind(tmp_path, version):
         total = sum(by_span.values())
         assert total > 0, (fn, "no CPU samples")
         assert by_span.get(kind, 0) >= 0.95 * total, (fn, by_span)
+
+
+@pytest.mark.parametrize("version", ["3.12.1"])
+def test_awaiting_spans_name_what_they_awaited_in_their_own_function(tmp_path, version):
+    run = run_app(tmp_path, version)
+    lo, hi = run["window"]
+    checked = 0
+    for s in run["spans"]:
+        inside = lo + 0.5e9 <= s["start_ns"] and s["start_ns"] + s["duration_ns"] <= hi
+        if not inside or s["duration_ns"] < 300e6:  # long enough to be seen awaiting
+            continue
+        want = {"upstream_request": "awaiting the network in fetch_upstream",
+                "lock_request": "awaiting a lock in take_lock"}.get(s["name"])
+        if want:
+            assert want in s["cause"], s
+            checked += 1
+    assert checked >= 20
+
+
+def test_py_spy_says_it_cannot_tell_tasks_apart(tmp_path):
+    run = run_app(tmp_path, "3.12.1", extra=("--sampler", "py-spy"))
+    assert "py-spy cannot tell tasks apart" in run["stderr"], run["stderr"]

@@ -191,8 +191,9 @@ def test_a_process_that_exited_or_is_a_zombie_raises_no_such_process():
         with ProcessMemory(proc.pid) as mem:
             assert thread_names(pp, mem)
             proc.kill()
-            for _ in range(500):  # a zombie until we wait for it
-                if Path(f"/proc/{proc.pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+            for _ in range(500):  # a zombie until we wait for it, once its threads are gone
+                zombie = Path(f"/proc/{proc.pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+                if zombie and os.listdir(f"/proc/{proc.pid}/task") == [str(proc.pid)]:
                     break
                 time.sleep(0.01)
             with pytest.raises(NoSuchProcess):

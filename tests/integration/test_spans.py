@@ -189,7 +189,7 @@ def test_span_breakdown_names_the_dominant_cause(linked):
 def test_app_that_never_sends_spans_gets_a_full_untagged_profile(tmp_path):
     port = free_port()
     out = tmp_path / "p.pb.gz"
-    with target("cpu_split", "--duration", "3", "--report", tmp_path / "t.json") as t:
+    with target("cpu_split", "--duration", "6", "--report", tmp_path / "t.json") as t:
         res = subprocess.run([str(SPANFLAME), "attach", str(t.pid), "--duration", "30",
                               "--otlp-listen", f"127.0.0.1:{port}", "--span-wait", "1",
                               "-o", str(out)], capture_output=True, text=True, timeout=120)

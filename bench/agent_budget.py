@@ -124,24 +124,59 @@ def wait_for_sources(port: int, pids: list[int], timeout: float) -> dict:
     return h
 
 
-def profile_agent(pid: int, seconds: float) -> list[tuple[str, float]]:
-    """Where the agent's CPU goes: py-spy's on-CPU samples of it, by function (inclusive),
-    as shares of all samples."""
+def probe_counts(port: int) -> dict[str, float]:
+    """The probe session's event counters, from /metrics (updated once per window)."""
+    out = {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            for kind in ("samples", "waits", "short_waits"):
+                if line.startswith(f'spanflame_probe_drops{{kind="{kind}"}}'):
+                    out[kind] = float(line.split()[-1])
+    return out
+
+
+def memory_split(pid: int) -> dict[str, float]:
+    """MiB of the process's PSS that is anonymous memory and file mappings (libraries)."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("Pss_Anon", "Pss_File", "Rss"):
+                    out[k] = round(int(v.split()[0]) / 1024, 1)
+    except OSError:
+        pass
+    return out
+
+
+def profile_agent(pid: int, seconds: float) -> dict[str, list[tuple[str, float]]]:
+    """Where the agent's CPU goes: py-spy's on-CPU samples of it, by function, inclusive and
+    self, as shares of all samples."""
     py_spy = Path(sys.executable).parent / "py-spy"
     out = Path(tempfile.mkdtemp()) / "agent.txt"
     subprocess.run([str(py_spy), "record", "--pid", str(pid), "--duration", str(int(seconds)),
                     "--rate", "200", "--nonblocking", "--format", "raw", "-o", str(out)],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     incl: Counter[str] = Counter()
+    own: Counter[str] = Counter()
     total = 0
+
+    def short(fn: str) -> str:
+        name, _, where = fn.partition(" (")
+        return f"{name} ({where.split(':')[0].rsplit('/', 1)[-1]})" if where else fn
+
     for line in out.read_text().splitlines() if out.exists() else []:
         stack, _, n = line.rpartition(" ")
         n = int(n)
         total += n
-        for fn in set(stack.split(";")):
-            incl[fn.split(" (")[0] + " (" + fn.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")"
-                 if " (" in fn else fn] += n
-    return [(fn, round(100 * n / total, 1)) for fn, n in incl.most_common(25)] if total else []
+        frames = [short(f) for f in stack.split(";")]
+        for fn in set(frames):
+            incl[fn] += n
+        own[frames[-1]] += n
+    if not total:
+        return {}
+    return {k: [(fn, round(100 * n / total, 1)) for fn, n in c.most_common(25)]
+            for k, c in (("inclusive", incl), ("self", own))}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -180,15 +215,19 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"not every process is read by the kernel walker: {h}")
         time.sleep(max(0.0, args.warmup - (time.monotonic() - t_start)))
         ap_ = psutil.Process(agent.pid)
-        b0 = bpf_prog_stats(agent.pid)
+        b0, e0 = bpf_prog_stats(agent.pid), probe_counts(port)
         (s0, k0), t0 = tree_cpu(ap_), time.monotonic()
         mem = []
         while time.monotonic() - t0 < args.seconds:
             time.sleep(2)
             kids = [k for k in ap_.children(recursive=True) if k.is_running()]
             mem.append((ap_.memory_info().rss, pss(ap_), sum(pss(k) for k in kids)))
+            if mem[-1][0] >= max(m[0] for m in mem):
+                split = memory_split(agent.pid)
         (s1, k1), t1 = tree_cpu(ap_), time.monotonic()
         b1 = bpf_prog_stats(agent.pid)
+        time.sleep(0.1)
+        e1 = probe_counts(port)
         dt = t1 - t0
         t_user = ap_.cpu_times()
         h = healthz(port)
@@ -203,15 +242,21 @@ def main(argv: list[str] | None = None) -> dict:
             "agent_rss_mib_max": round(max(m[0] for m in mem) / 2**20, 1),
             "agent_pss_mib_max": round(max(m[1] for m in mem) / 2**20, 1),
             "children_pss_mib_max": round(max(m[2] for m in mem) / 2**20, 1),
+            "agent_memory_at_max_mib": split,
             "bpf_programs_cpu_pct": round(100 * bpf_ns / 1e9 / dt, 3),
+            # counters reach /metrics once per window: rates over whole windows, roughly dt
+            "events_per_s": {k: round((e1.get(k, 0) - e0.get(k, 0)) / dt)
+                             for k in ("samples", "waits", "short_waits")},
             "agent_user_s_total": round(t_user.user, 1), "agent_system_s_total": round(t_user.system, 1),
             "pending_windows": h.get("pending_windows"), "degraded": h.get("degraded"),
         }
         print(json.dumps(summary), flush=True)
         if args.profile_agent:
-            summary["agent_profile_inclusive_pct"] = profile_agent(agent.pid, args.profile_agent)
-            for fn, pct in summary["agent_profile_inclusive_pct"]:
-                print(f"  {pct:5.1f}%  {fn}")
+            prof = summary["agent_profile_pct"] = profile_agent(agent.pid, args.profile_agent)
+            for kind, rows in prof.items():
+                print(f"agent on-CPU samples, {kind}:")
+                for fn, pct in rows:
+                    print(f"  {pct:5.1f}%  {fn}")
     finally:
         STATS.write_text(old_stats)
         agent.send_signal(signal.SIGTERM)

@@ -21,10 +21,12 @@ The agent runs with this checkout first on PYTHONPATH.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -88,8 +90,33 @@ def pss(p: psutil.Process) -> float:
         return 0.0
 
 
-def bpf_prog_stats(pid: int) -> dict[int, tuple[int, int]]:
-    """prog id -> (run count, run time ns) of the BPF programs `pid` holds open."""
+def _prog_name(pid: int, fd: int) -> str:
+    """The name of BPF program `fd` of process `pid` (pidfd_getfd, then BPF_OBJ_GET_INFO_BY_FD:
+    bpf_prog_info.name is at offset 64); "" when it cannot be read."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return ""
+    try:
+        mine = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
+        if mine < 0:
+            return ""
+        try:
+            info = ctypes.create_string_buffer(256)
+            attr = struct.pack("=IIQ", mine, len(info), ctypes.addressof(info)) + bytes(104)
+            buf = ctypes.create_string_buffer(attr, len(attr))
+            if libc.syscall(321, 15, buf, len(attr)) != 0:  # bpf(BPF_OBJ_GET_INFO_BY_FD)
+                return ""
+            return info.raw[64:80].split(b"\0", 1)[0].decode("ascii", "replace")
+        finally:
+            os.close(mine)
+    finally:
+        os.close(pidfd)
+
+
+def bpf_prog_stats(pid: int) -> dict[tuple[int, str], tuple[int, int]]:
+    """(prog id, name) -> (run count, run time ns) of the BPF programs `pid` holds open."""
     out = {}
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -97,8 +124,8 @@ def bpf_prog_stats(pid: int) -> dict[int, tuple[int, int]]:
                 continue
             info = dict(line.split(":", 1) for line in
                         open(f"/proc/{pid}/fdinfo/{fd}").read().splitlines() if ":" in line)
-            out[int(info["prog_id"])] = (int(info.get("run_cnt", 0)),
-                                         int(info.get("run_time_ns", 0)))
+            key = (int(info["prog_id"]), _prog_name(pid, int(fd)))
+            out[key] = (int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0)))
         except (OSError, KeyError, ValueError):
             pass
     return out
@@ -244,6 +271,12 @@ def main(argv: list[str] | None = None) -> dict:
             "children_pss_mib_max": round(max(m[2] for m in mem) / 2**20, 1),
             "agent_memory_at_max_mib": split,
             "bpf_programs_cpu_pct": round(100 * bpf_ns / 1e9 / dt, 3),
+            "bpf_programs": {name or str(pid_): {
+                "runs_per_s": round((v[0] - b0.get((pid_, name), (0, 0))[0]) / dt),
+                "ns_per_run": round((v[1] - b0.get((pid_, name), (0, 0))[1])
+                                    / max(1, v[0] - b0.get((pid_, name), (0, 0))[0])),
+                "cpu_pct": round(100 * (v[1] - b0.get((pid_, name), (0, 0))[1]) / 1e9 / dt, 3)}
+                for (pid_, name), v in b1.items() if v[0] > b0.get((pid_, name), (0, 0))[0]},
             # counters reach /metrics once per window: rates over whole windows, roughly dt
             "events_per_s": {k: round((e1.get(k, 0) - e0.get(k, 0)) / dt)
                              for k in ("samples", "waits", "short_waits")},

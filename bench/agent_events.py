@@ -46,6 +46,14 @@ PHASES = {
 TYPES = ["cpu", "off_cpu", "lock_wait", "gil_wait", "io_wait", "net_wait"]
 
 
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
 def cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -131,11 +139,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--node-rate", type=int, default=19, help="for the prediction")
     args = ap.parse_args(argv)
     raw: dict[str, list[dict]] = {k: [] for k in PHASES}
+    memory = {"before_load": rss_mib()}
     with ProbeSession(["cpu", "offcpu", "lock", "io", "net"], rate_hz=args.rate,
                       max_records=500_000, per_process_only=True, python_stacks=True) as s:
         s.start([])
         if "cpu" not in s.active:
             raise SystemExit(f"the kernel walker is off: {s.off}")
+        # What loading the probes (bcc, LLVM, the compile) leaves in this process, and how much
+        # of it glibc gives back when asked.
+        memory["after_load"] = rss_mib()
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        memory["after_malloc_trim"] = rss_mib()
+        print(json.dumps({"rss_mib": memory}), flush=True)
         names = list(PHASES)
         for r in range(args.rounds):
             for name in (names if r % 2 == 0 else names[::-1]):
@@ -146,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     med = statistics.median
     idle_rate = med([x["cpu_s"] / x["seconds"] for x in raw["idle"]])
     out = {"benchmark": "agent_events", "rate_hz": args.rate, "rounds": args.rounds,
-           "seconds": args.seconds, "idle_cpu_pct": round(100 * idle_rate, 3)}
+           "seconds": args.seconds, "idle_cpu_pct": round(100 * idle_rate, 3),
+           "rss_mib": memory}
     # Each phase also has a few events of the other kinds (spinners get preempted, lock
     # threads get sampled): those are charged at the cost found for their own kind before the
     # rest is divided by the phase's events. Waits first (they have the fewest others).

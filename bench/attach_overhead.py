@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
                "median_ratio": round(med, 4), "slowdown_pct": round((1 - med) * 100, 2),
                "min_ratio": round(min(ratios), 4), "max_ratio": round(max(ratios), 4),
                "median_ratio_ci95": [round(lo, 4), round(hi, 4)],
-               "median_ratio_per_cpu_s": round(statistics.median(cpu_ratios), 4)}
+               "median_ratio_per_cpu_s": round(statistics.median(cpu_ratios), 4),
+               "median_ratio_per_cpu_s_ci95": [round(x, 4) for x in bootstrap_ci(cpu_ratios)]}
     if stacks_line:
         summary["attach_says"] = stacks_line
     print(json.dumps(summary))

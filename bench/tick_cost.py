@@ -48,6 +48,16 @@ int kstack(void *ctx)
     return id < 0 ? 0 : 1;
 }
 
+/* the kernel stack only when the tick interrupted kernel code (saved cs, pt_regs at ctx) */
+int kstack_if_kernel(void *ctx)
+{
+    u64 cs = ((u64 *)ctx)[17];
+    if ((cs & 3) == 3)
+        return 0;
+    int id = ks.get_stackid(ctx, 0);
+    return id < 0 ? 0 : 1;
+}
+
 int ringbuf(void *ctx)
 {
     int z = 0;
@@ -68,7 +78,7 @@ int readuser(void *ctx)
     return 0;
 }
 """
-VARIANTS = ["empty", "helpers", "kstack", "ringbuf", "readuser"]
+VARIANTS = ["empty", "helpers", "kstack", "kstack_if_kernel", "ringbuf", "readuser"]
 
 
 def prog_stats(fd: int) -> tuple[int, int]:

@@ -29,7 +29,6 @@ import json
 import resource
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 

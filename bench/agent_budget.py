@@ -3,7 +3,7 @@ profiled processes, at `spanflame run` defaults (every probe, --rate 19, 10 s wi
 
 Ten Python programs run: five service-like (small CPU bursts between waits), three idle, two
 busy. After a warm-up, `GET /healthz` must say that the kernel walker reads every one of them
-(`sources`: each pid "bpf"; otherwise the benchmark stops). Then the agent's CPU is read from
+(`sources`: each pid "bpf", or what --expect says; otherwise the benchmark stops). Then the agent's CPU is read from
 /proc for --seconds (the agent process, its finished children and its live ones), and its RSS
 and PSS are sampled.
 
@@ -13,7 +13,7 @@ reported apart. --profile-agent N then records the agent with py-spy for N secon
 measurement, so it does not count) and prints where its CPU goes.
 
     python -m bench.agent_budget [--seconds 60] [--warmup 25] [--rate 19]
-                                 [--profile-agent 0] [-- extra run options]
+                                 [--profile-agent 0] [--expect bpf] [-- extra run options]
 
 The agent runs with this checkout first on PYTHONPATH.
 """
@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=float, default=25)
     ap.add_argument("--rate", type=int, default=19, help="spanflame run --rate")
     ap.add_argument("--profile-agent", type=float, default=0, metavar="SECONDS")
+    ap.add_argument("--expect", default="bpf", choices=("bpf", "py-spy"),
+                    help="the stack source every process must have (py-spy: with "
+                         "`-- --sampler py-spy`, to measure the fallback)")
     ap.add_argument("extra", nargs="*")
     args = ap.parse_args(argv)
     d = Path(tempfile.mkdtemp(prefix="spanflame-budget-"))
@@ -238,8 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
         walker = {p.pid: sources.get(p.pid) for p in progs}
         print("healthz sources: " + json.dumps({str(k): v for k, v in walker.items()}),
               flush=True)
-        if not all(v == "bpf" for v in walker.values()):
-            raise SystemExit(f"not every process is read by the kernel walker: {h}")
+        if not all(v == args.expect for v in walker.values()):
+            raise SystemExit(f"not every process has stack source {args.expect}: {h}")
         time.sleep(max(0.0, args.warmup - (time.monotonic() - t_start)))
         ap_ = psutil.Process(agent.pid)
         b0, e0 = bpf_prog_stats(agent.pid), probe_counts(port)

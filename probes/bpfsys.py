@@ -352,19 +352,32 @@ class RingBuffer:
     producer page and the data pages read-only, the data twice in a row so that a record
     wrapping past the end reads as one slice. Not thread-safe: one consumer."""
 
-    def __init__(self, fd: int, size: int) -> None:
-        page = mmap.PAGESIZE
-        if size <= 0 or size & (size - 1) or size % page:
-            raise ValueError(f"a ring buffer's size is a power-of-2 number of pages, not {size}")
+    def __init__(self, consumer: memoryview, producer: memoryview, size: int,
+                 page: int = mmap.PAGESIZE, maps: tuple = ()) -> None:
+        """Over already mapped memory: `consumer` the consumer page (writable), `producer` the
+        producer page followed by the data twice. `open()` maps a ring buffer map's fd."""
+        if size <= 0 or size & (size - 1):
+            raise ValueError(f"a ring buffer's size is a power of 2, not {size}")
         self.size = size
         self._mask = size - 1
-        self._cons_map = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                                   offset=0)
-        self._data_map = mmap.mmap(fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
-                                   offset=page)
-        self._cons = memoryview(self._cons_map)
-        self._prod = memoryview(self._data_map)
+        self._cons = consumer
+        self._prod = producer
         self._page = page
+        self._maps = maps
+
+    @classmethod
+    def open(cls, fd: int, size: int) -> "RingBuffer":
+        """Map the ring buffer map `fd` of `size` data bytes (its max_entries)."""
+        page = mmap.PAGESIZE
+        if size % page:
+            raise ValueError(f"a ring buffer's size is a number of pages, not {size}")
+        cons = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        try:
+            data = mmap.mmap(fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        except BaseException:
+            cons.close()
+            raise
+        return cls(memoryview(cons), memoryview(data), size, page, (cons, data))
 
     def available(self) -> int:
         """Bytes written and not consumed yet."""
@@ -399,14 +412,13 @@ class RingBuffer:
         return out, dropped
 
     def close(self) -> None:
-        for name in ("_cons", "_prod"):
-            mv = getattr(self, name, None)
+        for mv in (self._cons, self._prod):
             if mv is not None:
                 mv.release()
-                setattr(self, name, None)
-        for m in (getattr(self, "_cons_map", None), getattr(self, "_data_map", None)):
-            if m is not None:
-                m.close()
+        self._cons = self._prod = None
+        for m in self._maps:
+            m.close()
+        self._maps = ()
 
 
 # -- kernel symbols ----------------------------------------------------------------------------
@@ -463,6 +475,8 @@ class LoadedProbes:
         self.links = links
         self._ksyms = KernelSymbols()
         self._rings: list[RingBuffer] = []
+        #: the pid of the loader child that compiled and attached them (gone by now)
+        self.loader_pid: int | None = None
 
     def __getitem__(self, name: bytes | str) -> Map:
         key = name.decode() if isinstance(name, bytes) else name
@@ -481,7 +495,7 @@ class LoadedProbes:
         m = self[name]
         if m.map_type != RINGBUF:
             raise ValueError(f"{name} is not a ring buffer")
-        rb = RingBuffer(m.map_fd, m.max_entries)
+        rb = RingBuffer.open(m.map_fd, m.max_entries)
         self._rings.append(rb)
         return rb
 

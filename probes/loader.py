@@ -29,7 +29,9 @@ b"F"; the header's indices count fds in the order they arrive.
 from __future__ import annotations
 
 import array
+import ctypes
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -39,6 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 FDS_PER_MESSAGE = 200
 _MAX_HEADER = 1 << 20
 
@@ -63,6 +66,8 @@ class Request:
     cflags: tuple[str, ...]
     perf_fn: str | None = None
     perf_period_ns: int = 0
+    #: fds per SCM_RIGHTS message (the kernel's limit is 253)
+    fds_per_message: int = FDS_PER_MESSAGE
 
 
 # -- parent ----------------------------------------------------------------------------------
@@ -92,7 +97,8 @@ def load(req: Request, timeout_s: float = 120.0):
         parent.settimeout(timeout_s)
         parent.sendall(json.dumps({"sources": list(req.sources), "cflags": list(req.cflags),
                                    "perf_fn": req.perf_fn,
-                                   "perf_period_ns": req.perf_period_ns}).encode())
+                                   "perf_period_ns": req.perf_period_ns,
+                                   "fds_per_message": req.fds_per_message}).encode())
         deadline = time.monotonic() + timeout_s
         try:
             msg = parent.recv(_MAX_HEADER)
@@ -108,7 +114,7 @@ def load(req: Request, timeout_s: float = 120.0):
             raise LoadError(head["error"], detail)
         total = head["nfds"]
         while len(received) < total:
-            fds = _recv_fds(parent, min(FDS_PER_MESSAGE, total - len(received)))
+            fds = _recv_fds(parent, min(req.fds_per_message, total - len(received)))
             if not fds:
                 raise LoadError("child", "the loader closed the socket before sending every fd")
             received += fds
@@ -119,7 +125,8 @@ def load(req: Request, timeout_s: float = 120.0):
             fd = received[m["fd"]]
             maps[m["name"]] = bpfsys.Map(
                 m["name"], fd, m["type"], m["key_size"], m["value_size"], m["max_entries"],
-                _type_or_none(bpfsys, m.get("key_desc")), _type_or_none(bpfsys, m.get("leaf_desc")))
+                _type_or_none(bpfsys, m.get("key_desc"), m["key_size"]),
+                _type_or_none(bpfsys, m.get("leaf_desc"), m["value_size"]))
         progs = {name: received[i] for name, i in head["progs"].items()}
         links = [received[i] for i in head["links"]]
         used = {m.map_fd for m in maps.values()} | set(progs.values()) | set(links)
@@ -127,7 +134,9 @@ def load(req: Request, timeout_s: float = 120.0):
             if fd not in used:
                 os.close(fd)
         received = []
-        return bpfsys.LoadedProbes(maps, progs, links)
+        out = bpfsys.LoadedProbes(maps, progs, links)
+        out.loader_pid = proc.pid
+        return out
     except (OSError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
         raise LoadError("child", f"loader protocol failed ({type(exc).__name__}: {exc})") from None
     finally:
@@ -140,13 +149,21 @@ def load(req: Request, timeout_s: float = 120.0):
             proc.wait()
 
 
-def _type_or_none(bpfsys, desc):
-    if not desc:
+def _type_or_none(bpfsys, desc: str | None, size: int):
+    """The ctypes type of a map's key or value, or None (raw bytes) when there is no usable
+    description or it disagrees with the map's own size."""
+    if not desc or not size:
         return None
     try:
-        return bpfsys.ctype_from_desc(json.loads(desc))
-    except (ValueError, TypeError, IndexError):
+        t = bpfsys.ctype_from_desc(json.loads(desc))
+    except (ValueError, TypeError, IndexError) as exc:
+        log.warning("cannot read a map type description (%s): raw bytes instead", exc)
         return None
+    if ctypes.sizeof(t) != size:
+        log.warning("map type %s is %d bytes, the map says %d: raw bytes instead",
+                    t.__name__, ctypes.sizeof(t), size)
+        return None
+    return t
 
 
 def _recv_fds(sock: socket.socket, n: int) -> list[int]:
@@ -210,8 +227,9 @@ def _child(sock: socket.socket) -> int:
             b.cleanup()
         return 1
     sock.sendall(json.dumps(head).encode())
-    for i in range(0, len(fds), FDS_PER_MESSAGE):
-        socket.send_fds(sock, [b"F"], fds[i:i + FDS_PER_MESSAGE])
+    step = max(1, min(int(req.get("fds_per_message") or FDS_PER_MESSAGE), 253))
+    for i in range(0, len(fds), step):
+        socket.send_fds(sock, [b"F"], fds[i:i + step])
     sock.settimeout(60)
     try:
         sock.recv(16)  # the agent holds them now

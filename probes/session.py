@@ -14,7 +14,7 @@ while the targets are alive. `close()` detaches everything and returns a
 each with a one-line reason in `off`.
 
 Threading: `start`, `add_target`, `remove_target` and `close` are called from one owner thread;
-the drain thread only appends to internal lists under a lock.
+the drain thread reads the ring buffers and decodes under the session's lock (one consumer).
 """
 
 from __future__ import annotations
@@ -245,14 +245,21 @@ class ProbeSession:
                 leaf.off_start = now
                 leaf.state = 2 if state == "D" else 1
                 self._decoder.seed_kstack(tid, now, _proc_kstack(pid, tid))
-            states.update(states.Key(tid), leaf, NOEXIST)
+            try:
+                states.update(states.Key(tid), leaf, NOEXIST)
+            except OSError as exc:  # the map is full: the kernel counts what it then misses
+                log.debug("no state for thread %d: %s", tid, exc)
+                continue
             slot = stacks.Leaf()
             slot.ev.kstack = -1
             slot.ev.py.hash = 0x5F5F5F5F  # no stack yet: matches nothing the walker reports
             seen = pystacks.get(tid)
             if seen is not None and state != "R":
                 _fill_slot(slot, seen)
-            stacks.update(stacks.Key(tid), slot, NOEXIST)
+            try:
+                stacks.update(stacks.Key(tid), slot, NOEXIST)
+            except OSError as exc:
+                log.debug("no stack slot for thread %d: %s", tid, exc)
 
     def remove_target(self, pid: int) -> None:
         if self._bpf is None or pid not in self._targets:

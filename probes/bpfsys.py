@@ -343,6 +343,7 @@ class Map:
 
 # -- ring buffers --------------------------------------------------------------------------------
 _BUSY, _DISCARD = 1 << 31, 1 << 30
+_FLAGS, _LEN = _BUSY | _DISCARD, (1 << 30) - 1
 _HDR = struct.Struct("<I")
 _POS = struct.Struct("<Q")
 
@@ -362,6 +363,7 @@ class RingBuffer:
         self._mask = size - 1
         self._cons = consumer
         self._prod = producer
+        self._words = producer.cast("B").cast("I")
         self._page = page
         self._maps = maps
 
@@ -388,34 +390,35 @@ class RingBuffer:
         consumed and dropped). A record still being written ends the batch."""
         cons = _POS.unpack_from(self._cons, 0)[0]
         prod = _POS.unpack_from(self._prod, 0)[0]  # an acquire on x86-64
-        data, mask, base = self._prod, self._mask, self._page
-        hdr = _HDR.unpack_from
+        start = cons
+        data, words, mask, base = self._prod, self._words, self._mask, self._page
         out: list[bytes] = []
         append = out.append
         dropped = 0
         keep = limit if limit is not None else -1
         while cons < prod:
             at = base + (cons & mask)
-            h = hdr(data, at)[0]
-            if h & _BUSY:
-                break
-            n = h & ~(_BUSY | _DISCARD)
-            if not h & _DISCARD:
-                if keep:
-                    append(bytes(data[at + 8:at + 8 + n]))
-                    keep -= 1
-                else:
-                    dropped += 1
-            cons += (n + 8 + 7) & ~7
-        if out or dropped or cons != _POS.unpack_from(self._cons, 0)[0]:
+            h = words[at >> 2]  # the header's length word: records are 8-byte aligned
+            if h & _FLAGS:
+                if h & _BUSY:
+                    break
+                cons += ((h & _LEN) + 15) & ~7  # discarded
+                continue
+            if keep:
+                append(data[at + 8:at + 8 + h].tobytes())
+                keep -= 1
+            else:
+                dropped += 1
+            cons += (h + 15) & ~7  # 8-byte header, length rounded up to 8
+        if cons != start:
             _POS.pack_into(self._cons, 0, cons)  # a release on x86-64: records read before
         return out, dropped
 
     def close(self) -> None:
-        for mv in (self._cons, self._prod):
+        for mv in (self._words, self._cons, self._prod):
             if mv is not None:
                 mv.release()
-        self._cons = self._prod = None
+        self._words = self._cons = self._prod = None
         for m in self._maps:
             m.close()
         self._maps = ()

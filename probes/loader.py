@@ -108,7 +108,10 @@ def load(req: Request, timeout_s: float = 120.0):
             raise LoadError("child", _child_died(proc, err))
         head = json.loads(msg)
         if "error" in head:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            try:  # let it finish writing stderr; a child that hangs is killed below
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
             detail = head.get("detail", "") if head["error"] == "import" else (
                 _first_error(_read(err)) or head.get("detail", "") or "unknown error")
             raise LoadError(head["error"], detail)

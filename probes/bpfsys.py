@@ -88,7 +88,8 @@ def possible_cpus() -> int:
 
 
 # -- object info -------------------------------------------------------------------------------
-_MAP_INFO = struct.Struct("=IIIIII16s")          # type id key_size value_size max_entries flags name
+#: struct bpf_map_info: type, id, key_size, value_size, max_entries, map_flags, name
+_MAP_INFO = struct.Struct("=IIIIII16s")
 _PROG_NAME_OFF, _PROG_RUN_TIME_OFF, _PROG_RUN_CNT_OFF = 64, 192, 200  # in struct bpf_prog_info
 
 

@@ -115,7 +115,8 @@ def test_fds_arrive_whatever_their_number_per_message():
         assert st.update(st.Key(7), leaf, bpfsys.NOEXIST)
         assert not st.update(st.Key(7), leaf, bpfsys.NOEXIST)
         assert st[7].tgid == 4242
-        assert [(k.value, v.tgid) for k, v in st.items_lookup_batch() if k.value == 7] == [(7, 4242)]
+        batch = st.items_lookup_batch()
+        assert [(k.value, v.tgid) for k, v in batch if k.value == 7] == [(7, 4242)]
         del st[st.Key(7)]
         with pytest.raises(KeyError):
             st[7]

@@ -20,22 +20,41 @@ def _fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             invoke_without_command=True,
+             epilog="""\b
+Examples:
+  spanflame attach 4242 -d 30 -o app.html    profile a running process for 30 s
+  spanflame render app.pb.gz -o app.html     a pprof file to a flame graph
+  spanflame run                              the node agent, UI on http://127.0.0.1:4040
+  spanflame doctor                           what this machine lets spanflame do
+""")
 @click.version_option(__version__, prog_name="spanflame")
 @click.option("-v", "--verbose", is_flag=True, help="Log what the agent does (to stderr).")
-def cli(verbose: bool) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
     """spanflame: why was this span slow, on CPU and off it."""
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+        ctx.exit(0)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 # -- attach ---------------------------------------------------------------------------------
 
-@cli.command()
+@cli.command(epilog="""\b
+Examples:
+  spanflame attach 4242                       10 s of CPU, written to spanflame-4242-<time>.pb.gz
+  spanflame attach 4242 -d 30 -o app.html     a flame graph to open in a browser
+  spanflame attach 4242 --probes all          CPU plus off-CPU, lock, GIL, IO and network waits
+  spanflame attach 4242 --otlp-listen 127.0.0.1:4318 --spans-output spans.json
+                                              each span's time split into its causes
+""")
 @click.argument("pid", type=int)
-@click.option("--duration", type=float, default=10.0, show_default=True, metavar="SECONDS",
+@click.option("-d", "--duration", type=float, default=10.0, show_default=True, metavar="SECONDS",
               help="How long to record; stops early (and still writes) when the target exits.")
-@click.option("--rate", type=int, default=100, show_default=True, metavar="HZ",
+@click.option("-r", "--rate", type=int, default=100, show_default=True, metavar="HZ",
               help="CPU samples per second (per CPU for the kernel walker; py-spy's rate).")
 @click.option("--sampler", type=click.Choice(["auto", "bpf", "py-spy"]), default="auto",
               show_default=True, envvar="SPANFLAME_SAMPLER", show_envvar=True,
@@ -148,6 +167,7 @@ def _summary(result, output: str, size: int) -> None:
     for note in result.notes:
         click.echo(f"spanflame: note: {note}", err=True)
     click.echo(f"wrote {output} ({_human_bytes(size)})")
+    click.echo(f"  open it: {_next_step(output)}")
     samples = p.total("samples") if p.has_type("samples") else 0
     errors = f", {result.sample_errors} errors" if result.sample_errors else ""
     click.echo(f"  {result.elapsed_s:.1f} s, {samples} samples, {result.threads} threads "
@@ -196,6 +216,21 @@ def _summary(result, output: str, size: int) -> None:
         for f in top:
             where = f"{Path(f.filename).name}:{f.line}" if f.filename else ""
             click.echo(f"    {100 * f.self_value / total:5.1f}%  {f.name}  {where}")
+
+
+def _next_step(output: str) -> str:
+    """How to look at what was just written, by its format."""
+    from agent.output import output_format
+    fmt = output_format(output)
+    if fmt == "html":
+        return f"in a browser (file://{os.path.abspath(output)})"
+    if fmt == "speedscope":
+        return f"drop {output} on https://www.speedscope.app (it stays in your browser)"
+    if fmt.startswith("pprof"):
+        base = output.removesuffix(".gz").removesuffix(".pb")
+        return (f"spanflame render {output} -o {base}.html (a flame graph), "
+                f"or go tool pprof -http=: {output}")
+    return f"flamegraph.pl {output} > {output}.svg, or any folded-stacks viewer"
 
 
 def _span_summary(result) -> None:
@@ -250,7 +285,13 @@ def _size(text: str) -> int:
         raise UsageError(f"invalid size {text!r}: use e.g. 10GiB, 500MiB") from None
 
 
-@cli.command()
+@cli.command(epilog="""\b
+Examples:
+  spanflame run                                 every Python process here; UI on 127.0.0.1:4040
+  spanflame run --include 'gunicorn|celery'     only processes whose command line matches
+  SPANFLAME_RATE=49 spanflame run --probes cpu,lock
+  spanflame run --listen 0.0.0.0:4040 --auth-token "$TOKEN"   reachable from other hosts
+""")
 @click.option("--store", default=_default_store, show_default="/var/lib/spanflame as root, "
               "else ~/.local/share/spanflame", envvar="SPANFLAME_STORE", metavar="DIR",
               help="Directory of the embedded store.")
@@ -295,6 +336,9 @@ def _size(text: str) -> int:
 @click.option("--cpu-budget", type=float, default=1.0, show_default=True,
               envvar="SPANFLAME_CPU_BUDGET", metavar="PERCENT",
               help="Agent CPU (itself and py-spy) per 10 profiled processes, in % of one core.")
+@click.option("--node", default=None, envvar="SPANFLAME_NODE", metavar="NAME",
+              help="This node's name in every profile's labels (default: the host name; the "
+                   "DaemonSet sets it from spec.nodeName).")
 @click.option("--span-wait", type=float, default=30.0, show_default=True,
               envvar="SPANFLAME_SPAN_WAIT", metavar="SECONDS",
               help="Longest a window waits for its spans before it is written.")
@@ -303,7 +347,8 @@ def run(store: str, listen: str, otlp_listen: str, rate: int, sampler: str, wind
         include: str | None, exclude: str | None, export_pyroscope: str | None,
         export_pyroscope_tenant, export_pyroscope_user, export_pyroscope_password,
         export_pyroscope_token, otlp_forward: str | None, auth_token: str | None,
-        retention_hours: float, retention_size: str, cpu_budget: float, span_wait: float) -> None:
+        retention_hours: float, retention_size: str, cpu_budget: float, node: str | None,
+        span_wait: float) -> None:
     """Profile every Python process on this machine, continuously; serve the UI and API."""
     import signal as _signal
 
@@ -321,7 +366,8 @@ def run(store: str, listen: str, otlp_listen: str, rate: int, sampler: str, wind
         export_user=export_pyroscope_user, export_password=export_pyroscope_password,
         export_token=export_pyroscope_token, otlp_forward=otlp_forward, auth_token=auth_token,
         retention_hours=retention_hours, retention_bytes=_size(retention_size),
-        cpu_budget=cpu_budget / 100, span_wait_s=span_wait, sampler=sampler)
+        cpu_budget=cpu_budget / 100, span_wait_s=span_wait, sampler=sampler,
+        **({"node": node} if node else {}))
     agent = Agent(opts).start()
     click.echo(f"spanflame: agent on {agent.url} (UI and API), OTLP on {agent.otlp_url}/v1/traces, "
                f"store {store}", err=True)
@@ -343,7 +389,10 @@ def run(store: str, listen: str, otlp_listen: str, rate: int, sampler: str, wind
         agent.close()
 
 
-@cli.command()
+@cli.command(epilog="""\b
+Examples:
+  spanflame serve --store /var/lib/spanflame    browse what `run` stored, without profiling
+""")
 @click.option("--store", required=True, envvar="SPANFLAME_STORE", metavar="DIR",
               help="Directory of an existing store (what `spanflame run --store` wrote).")
 @click.option("--listen", default="127.0.0.1:4040", show_default=True, envvar="SPANFLAME_LISTEN",
@@ -376,7 +425,12 @@ def serve(store: str, listen: str, auth_token: str | None) -> None:
 MAX_INPUT_BYTES = 1 << 30
 
 
-@cli.command()
+@cli.command(epilog="""\b
+Examples:
+  spanflame render app.pb.gz -o app.html                   a flame graph
+  spanflame render app.pb.gz -o lock.html --type lock_wait  where threads waited on locks
+  spanflame render app.pb.gz -o w.txt --tag thread_name=worker-1
+""")
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="OUTPUT",
               help="Output file: .html, .json (speedscope), .txt/.folded, .pb.gz/.pb.")
@@ -412,7 +466,13 @@ def render(input_path: str, output: str, type_name: str | None, tags: tuple[str,
         raise UsageError(f"{input_path} has no sample type {type_name!r}; it has: "
                          + ", ".join(t.name for t in profile.sample_types))
     if filters:
-        profile = profile.filtered(filters)
+        kept = profile.filtered(filters)
+        if not len(kept) and len(profile):
+            keys = sorted({k for (_s, labels) in profile.samples for k, _v in labels})
+            raise InputError(f"no sample of {input_path} matches "
+                             + " ".join(f"--tag {t}" for t in tags)
+                             + "; its labels are: " + (", ".join(keys) or "none"))
+        profile = kept
     if type_name and output_format(output).startswith("pprof"):
         keep = [t for t in profile.sample_types if t.name in (type_name, "samples")]
         narrowed = type(profile)(keep, period_type=profile.period_type, period=profile.period,
@@ -428,7 +488,11 @@ def render(input_path: str, output: str, type_name: str | None, tags: tuple[str,
 
 # -- doctor ---------------------------------------------------------------------------------
 
-@cli.command()
+@cli.command(epilog="""\b
+Examples:
+  spanflame doctor            what works here, with a fix for each failing line
+  spanflame doctor --json
+""")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 def doctor(as_json: bool) -> None:
     """Check what this machine lets spanflame do, with a fix for each failing line."""
@@ -449,6 +513,17 @@ def doctor(as_json: bool) -> None:
         sys.exit(1)
 
 
+def _show_envvars(group: click.Group) -> None:
+    """Every option that an environment variable can set says so in --help."""
+    for cmd in group.commands.values():
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.envvar:
+                p.show_envvar = True
+
+
+_show_envvars(cli)
+
+
 def main() -> None:
     """Console entry point: every SpanflameError becomes one line on stderr and an exit code."""
     try:
@@ -457,6 +532,14 @@ def main() -> None:
             sys.exit(rv)
     except click.exceptions.Abort:
         _fail("aborted", 130)
+    except click.UsageError as exc:
+        # Keep click's usage line and its "Try ... -h" hint: that is where to look next.
+        if exc.ctx is not None:
+            click.echo(exc.ctx.get_usage(), err=True)
+        click.echo(f"spanflame: error: {exc.format_message()}", err=True)
+        if exc.ctx is not None:
+            click.echo(f"Try '{exc.ctx.command_path} -h' for help.", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         _fail(exc.format_message(), exc.exit_code)
     except SpanflameError as exc:

@@ -1,0 +1,89 @@
+"""What a newcomer meets first on the command line (issue 13): help, hints, next steps,
+clear errors instead of silent empty results."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from agent import pprof
+from agent.cli import _next_step
+from agent.model import Frame, Profile, make_labels
+from agent.pyspy import permission_hint
+from tests.support import run_cli
+
+pytestmark = pytest.mark.integration
+
+COMMANDS = ("attach", "run", "serve", "render", "doctor")
+
+
+def test_bare_spanflame_prints_help_and_succeeds():
+    res = run_cli()
+    assert res.returncode == 0, res.stderr
+    assert "Usage:" in res.stdout and "Commands:" in res.stdout and "Examples:" in res.stdout
+    assert "error" not in res.stderr.lower()
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_command_help_has_examples(cmd):
+    res = run_cli(cmd, "-h")
+    assert res.returncode == 0, res.stderr
+    assert "Examples:" in res.stdout
+    assert f"spanflame {cmd}" in res.stdout.split("Examples:")[1]
+
+
+def test_missing_argument_keeps_usage_and_the_help_hint():
+    res = run_cli("attach")
+    assert res.returncode == 2
+    assert "Usage: spanflame attach" in res.stderr
+    assert "Missing argument 'PID'" in res.stderr
+    assert "Try 'spanflame attach -h' for help." in res.stderr
+
+
+def test_attach_has_short_duration_and_rate_like_py_spy():
+    out = run_cli("attach", "-h").stdout
+    assert "-d, --duration" in out and "-r, --rate" in out
+
+
+def test_run_help_lists_every_environment_variable_the_agent_reads():
+    out = run_cli("run", "-h").stdout.replace("\n", " ")
+    out = " ".join(out.split())
+    for var in ("SPANFLAME_NODE", "SPANFLAME_SPAN_WAIT", "SPANFLAME_OTLP_FORWARD",
+                "SPANFLAME_RATE", "SPANFLAME_STORE", "SPANFLAME_AUTH_TOKEN"):
+        assert var in out, var
+
+
+def test_render_with_a_tag_no_sample_has_fails_and_names_the_labels(tmp_path):
+    p = Profile([("samples", "count"), ("cpu", "nanoseconds")], period_type=("cpu", "nanoseconds"),
+                period=10_000_000, default_sample_type="cpu")
+    p.add((Frame("crunch", "/app/work.py", 12),), make_labels({"pid": 1, "thread_name": "a"}),
+          {"samples": 5, "cpu": 50_000_000})
+    src = tmp_path / "in.pb.gz"
+    src.write_bytes(pprof.encode(p))
+    res = run_cli("render", src, "-o", tmp_path / "out.html", "--tag", "nonexist=1")
+    assert res.returncode != 0
+    assert "no sample" in res.stderr and "--tag nonexist=1" in res.stderr
+    assert "thread_name" in res.stderr  # what it could have filtered on
+    assert not (tmp_path / "out.html").exists()
+    ok = run_cli("render", src, "-o", tmp_path / "a.txt", "--tag", "thread_name=a")
+    assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("p.pb.gz", "go tool pprof -http=: p.pb.gz"),
+    ("p.pb.gz", "spanflame render p.pb.gz -o p.html"),
+    ("p.html", "in a browser"),
+    ("p.json", "speedscope"),
+    ("p.txt", "folded"),
+])
+def test_attach_says_how_to_open_what_it_wrote(name, expect):
+    assert expect in _next_step(name)
+
+
+def test_permission_hint_as_root_does_not_say_run_as_root(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert "run as root" not in permission_hint()
+    assert "even as root" in permission_hint()
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert "run as root" in permission_hint()

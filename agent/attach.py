@@ -468,8 +468,12 @@ def _attach_timeline(options: AttachOptions, session, receiver, progress, stop) 
         waits = None
     fill_sample_counts(profile)
     if clock_errors:
-        notes.append("py-spy clock corrected by " + ", ".join(
-            f"{-e / 1e6:+.2f} ms" for e in clock_errors.values()) + " (from exact events)")
+        # Only worth a word when large: py-spy's clock is matched to the kernel's exact events.
+        worst = max(abs(e) for e in clock_errors.values())
+        if worst > 20e6:
+            notes.append(f"py-spy's timestamps were off by up to {worst / 1e6:.0f} ms and were "
+                         "matched to the kernel's exact events; waits shorter than that may sit "
+                         "on a neighbouring stack")
     result = AttachResult(
         profile=profile, recording=first, elapsed_s=elapsed,
         source=("py-spy timeline (all threads) + eBPF " + ",".join(session.active)) if bpf_on

@@ -169,7 +169,8 @@ def _summary(result, output: str, size: int) -> None:
     click.echo(f"wrote {output} ({_human_bytes(size)})")
     click.echo(f"  open it: {_next_step(output)}")
     samples = p.total("samples") if p.has_type("samples") else 0
-    errors = f", {result.sample_errors} errors" if result.sample_errors else ""
+    errors = (f", {result.sample_errors} of them unreadable (the target was changing its stack"
+              " as it was read; not counted)") if result.sample_errors else ""
     click.echo(f"  {result.elapsed_s:.1f} s, {samples} samples, {result.threads} threads "
                f"({result.samples_taken} taken by {result.sampler}{errors})")
     click.echo(f"  stacks: {result.source}"

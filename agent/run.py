@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from agent.aggregate import add_pieces, fill_sample_counts, new_profile, timeline_pieces
 from agent.clocksync import estimate_error_ns, run_transitions, shift, span_transitions
 from agent.discovery import Discovery, Target
-from agent.errors import SamplerError, SpanflameError, TargetError
+from agent.errors import NoSuchProcess, SamplerError, SpanflameError, TargetError
 from agent.k8s import PodResolver
 from agent.metrics import Metrics
 from agent.model import SAMPLE_TYPES, Profile
@@ -148,9 +148,13 @@ class ProcessWorker:
             except (SamplerError, TargetError) as exc:
                 self.failures += 1
                 a.metrics.sampler_failures.inc()
-                if not _same_process(self.target):
+                if not _same_process(self.target) or _exiting(pid):
                     return
-                log.warning("py-spy on PID %d failed (%s); retrying in %.0f s", pid, exc, backoff)
+                # A process on its way out (or a thread exiting as py-spy read it) is not worth
+                # a warning: short-lived Python processes are common on a node.
+                level = logging.DEBUG if isinstance(exc, NoSuchProcess) else logging.WARNING
+                log.log(level, "py-spy on PID %d failed (%s); retrying in %.0f s", pid, exc,
+                        backoff)
                 if self._stop.wait(backoff):
                     return
                 backoff = min(60.0, backoff * 2)
@@ -192,6 +196,14 @@ def _proc_cpu_s(rec: PySpyRecorder) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+def _exiting(pid: int) -> bool:
+    try:
+        import psutil
+        return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except Exception:  # gone or unreadable
+        return True
 
 
 def _same_process(t: Target) -> bool:

@@ -117,7 +117,8 @@ class AttachResult:
 
 def attach(options: AttachOptions, *, progress: Callable[[float], None] | None = None,
            stop: threading.Event | None = None,
-           on_listen: Callable[[str], None] | None = None) -> AttachResult:
+           on_listen: Callable[[str], None] | None = None,
+           on_wait: Callable[[str], None] | None = None) -> AttachResult:
     """Profile `options.pid` for `options.duration_s` seconds (less if it exits or `stop` is set).
 
     `progress` is called with the elapsed fraction about ten times a second; `on_listen` with the
@@ -130,6 +131,7 @@ def attach(options: AttachOptions, *, progress: Callable[[float], None] | None =
     receiver = None
     if options.otlp_listen:
         receiver = _SpanReceiver(options.otlp_listen)
+        receiver.on_wait = on_wait
         if on_listen is not None:
             on_listen(receiver.url)
     session = None
@@ -216,7 +218,7 @@ def _attach_kernel(options: AttachOptions, session, receiver, progress, stop) ->
     end_ns = data.end_ns
     exited = not _alive(pid)
     if receiver is not None:
-        receiver.linger(options.span_wait_s)
+        receiver.linger(options.span_wait_s, pid=pid, end_ns=end_ns)
     types = []
     for p in options.probes:
         if p in ("cpu", "wall") or p in session.active:
@@ -312,19 +314,42 @@ class _SpanReceiver:
         host, port = parse_listen(listen)
         self.server = ServerThread(app, host, port, name="otlp").start()
         self.url = self.server.url
+        #: pid -> the latest end time of its spans received so far
+        self.latest_end: dict[int, int] = {}
+        self.store.on_add(self._on_add)
+        #: called with a message when lingering for spans takes a while
+        self.on_wait: Callable[[str], None] | None = None
 
-    def linger(self, quiet_s: float, max_s: float = 30.0) -> None:
-        """Spans arrive after their samples (batch exporters send every few seconds): wait until
-        none arrived for `quiet_s`, at most `max_s`."""
+    def _on_add(self, spans) -> None:
+        for sp in spans:
+            if sp.end_ns > self.latest_end.get(sp.pid, 0):
+                self.latest_end[sp.pid] = sp.end_ns
+
+    def linger(self, quiet_s: float, max_s: float = 30.0, *, pid: int = 0,
+               end_ns: int = 0) -> float:
+        """Spans arrive after their samples (batch exporters send every few seconds). An SDK
+        exporter sends spans in the order they ended, so once a span of `pid` that ended after
+        `end_ns` (the end of the recording) has arrived, every span that ended within the
+        recording has too: stop then. Otherwise wait until none arrived for `quiet_s` (an app
+        that sends no spans, or has exited), at most `max_s`. Returns the seconds waited."""
         t0 = last_change = time.monotonic()
         seen = self.store.received
+        said = False
         while time.monotonic() - t0 < max_s:
+            if pid and end_ns and self.latest_end.get(pid, 0) >= end_ns:
+                time.sleep(0.2)  # the rest of that export request's batch
+                break
             time.sleep(0.1)
             now = time.monotonic()
             if self.store.received != seen:
                 seen, last_change = self.store.received, now
             elif now - last_change >= quiet_s:
-                return
+                break
+            if not said and self.on_wait is not None and now - t0 >= 1.0:
+                said = True
+                self.on_wait(f"waiting for the app's spans that ended while recording "
+                        f"(up to {max_s - (now - t0):.0f} s more)")
+        return time.monotonic() - t0
 
     def close(self) -> None:
         self.server.close()
@@ -415,7 +440,7 @@ def _attach_timeline(options: AttachOptions, session, receiver, progress, stop) 
         if bpf_on:
             data = session.close()
     if receiver is not None:
-        receiver.linger(options.span_wait_s)
+        receiver.linger(options.span_wait_s, pid=options.pid, end_ns=time.time_ns())
     clock_errors = _calibrate(recordings, pid, options.rate_hz, data,
                               receiver.store if receiver is not None else None)
     first = next(iter(recordings.values()))

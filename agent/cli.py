@@ -131,7 +131,8 @@ def attach(pid: int, duration: float, rate: int, sampler: str, output: str | Non
         click.echo(f"spanflame: receiving spans at {url}/v1/traces", err=True)
 
     try:
-        result = run_attach(options, progress=progress, on_listen=on_listen)
+        result = run_attach(options, progress=progress, on_listen=on_listen,
+                            on_wait=lambda msg: click.echo(f"\nspanflame: {msg}", err=True))
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)

@@ -87,3 +87,53 @@ def test_permission_hint_as_root_does_not_say_run_as_root(monkeypatch):
     assert "even as root" in permission_hint()
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert "run as root" in permission_hint()
+
+
+def test_attach_otlp_listen_on_a_live_app_ends_soon_after_its_duration(tmp_path):
+    """An SDK batch exporter sends every 5 s, so a fixed 'quiet period' never comes while the
+    app lives: attach stops once a span that ended after the recording has arrived (exporters
+    send in end order), instead of always waiting 30 s more."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.support import PROGRAMS, SPANFLAME, is_root
+    if not is_root():
+        pytest.skip("attach needs root here")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = subprocess.Popen([sys.executable, str(PROGRAMS / "otel_app.py"),
+                            f"http://127.0.0.1:{port}/v1/traces", str(tmp_path / "t.json"),
+                            "--seconds", "90"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        pid = json.loads(app.stdout.readline())["pid"]
+        cli = subprocess.Popen([str(SPANFLAME), "attach", str(pid), "-d", "4", "--otlp-listen",
+                                f"127.0.0.1:{port}", "-o", str(tmp_path / "p.pb.gz"),
+                                "--spans-output", str(tmp_path / "s.json")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        err = []
+        while True:
+            line = cli.stderr.readline()
+            assert line, "".join(err)
+            err.append(line)
+            if "recording PID" in line:
+                break
+        app.stdin.write("go\n")
+        app.stdin.flush()
+        t0 = time.monotonic()
+        out, rest = cli.communicate(timeout=120)
+        took = time.monotonic() - t0
+        assert cli.returncode == 0, "".join(err) + rest
+        assert app.poll() is None  # the app was alive (and exporting) throughout
+    finally:
+        app.kill()
+        app.wait()
+    # 4 s of recording plus one export interval (5 s) and slack; it used to be 4 + 30 s.
+    assert took < 4 + 15, (took, rest)
+    spans = json.loads((tmp_path / "s.json").read_text())["spans"]
+    assert spans, "no span was linked"
+    assert "open it:" in out

@@ -379,7 +379,12 @@ def run(store: str, listen: str, otlp_listen: str, rate: int, sampler: str, wind
     stop = [False]
 
     def on_signal(signum, frame) -> None:
+        if stop[0]:  # a second Ctrl-C: the user wants out now; stored windows are safe
+            os.write(2, b"spanflame: quitting now; the last window is not written\n")
+            os._exit(130)
         stop[0] = True
+        os.write(2, b"spanflame: stopping: writing the last windows "
+                    b"(Ctrl-C again to quit at once)\n")
         agent._stop.set()
 
     _signal.signal(_signal.SIGTERM, on_signal)
@@ -387,8 +392,11 @@ def run(store: str, listen: str, otlp_listen: str, rate: int, sampler: str, wind
     try:
         agent.wait()
     finally:
+        t0 = time.monotonic()
         agent._stop.clear()
         agent.close()
+        if stop[0]:
+            click.echo(f"spanflame: stopped in {time.monotonic() - t0:.1f} s", err=True)
 
 
 @cli.command(epilog="""\b

@@ -506,7 +506,7 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 def doctor(as_json: bool) -> None:
     """Check what this machine lets spanflame do, with a fix for each failing line."""
-    from agent.doctor import FAIL, as_json as to_json, run_checks, stack_source
+    from agent.doctor import FAIL, as_json as to_json, run_checks, stack_source, summary
 
     checks = run_checks()
     if as_json:
@@ -519,6 +519,9 @@ def doctor(as_json: bool) -> None:
             if c.hint and c.status != "ok":
                 click.echo(f"      {'':<{width}}  hint: {c.hint}")
         click.echo(stack_source(checks))
+        click.echo("")
+        for line in summary(checks):
+            click.echo(f"  {line}")
     if any(c.status == FAIL for c in checks):
         sys.exit(1)
 

@@ -26,6 +26,7 @@ def _fail(message: str, code: int = 1) -> None:
 Examples:
   spanflame attach 4242 -d 30 -o app.html    profile a running process for 30 s
   spanflame render app.pb.gz -o app.html     a pprof file to a flame graph
+  spanflame dump 4242                        every thread's Python stack, once
   spanflame run                              the node agent, UI on http://127.0.0.1:4040
   spanflame doctor                           what this machine lets spanflame do
 """)
@@ -494,6 +495,28 @@ def render(input_path: str, output: str, type_name: str | None, tags: tuple[str,
         profile = narrowed
     size = write_profile(profile, output, type_name=type_name, title=Path(input_path).name)
     click.echo(f"wrote {output} ({_human_bytes(size)}, {len(profile)} samples)")
+
+
+# -- dump -----------------------------------------------------------------------------------
+
+@cli.command(epilog="""\b
+Examples:
+  spanflame dump 4242           each thread's stack and what it is doing (running, lock, IO...)
+  spanflame dump 4242 --json    the same as JSON, for scripts
+""")
+@click.argument("pid", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the threads as JSON.")
+def dump(pid: int, as_json: bool) -> None:
+    """Print every thread's current Python stack once, like py-spy dump, with what each
+    thread is doing (running, waiting on a lock, the GIL, another thread, IO, the network,
+    sleeping)."""
+    from agent.dump import dump as run_dump, format_text
+
+    d = run_dump(pid)
+    if as_json:
+        click.echo(json.dumps(d.to_json(), indent=1))
+    else:
+        click.echo(format_text(d))
 
 
 # -- doctor ---------------------------------------------------------------------------------

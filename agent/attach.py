@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace, dataclass, field
 from typing import Callable
 
 from agent.aggregate import (add_counts, add_pieces, fill_sample_counts, new_profile,
@@ -118,7 +118,8 @@ class AttachResult:
 def attach(options: AttachOptions, *, progress: Callable[[float], None] | None = None,
            stop: threading.Event | None = None,
            on_listen: Callable[[str], None] | None = None,
-           on_wait: Callable[[str], None] | None = None) -> AttachResult:
+           on_wait: Callable[[str], None] | None = None,
+           spawn: Callable[[], int] | None = None) -> AttachResult:
     """Profile `options.pid` for `options.duration_s` seconds (less if it exits or `stop` is set).
 
     `progress` is called with the elapsed fraction about ten times a second; `on_listen` with the
@@ -126,7 +127,11 @@ def attach(options: AttachOptions, *, progress: Callable[[float], None] | None =
     cannot be profiled, SamplerError when py-spy fails, SpanflameError when the OTLP address
     cannot be bound.
     """
-    check_target(options.pid)
+    if spawn is None:
+        check_target(options.pid)
+    elif options.sampler == "py-spy":  # nothing to load first: start it now
+        options = replace(options, pid=spawn())
+        _wait_interpreter(options.pid)
     stop = stop or threading.Event()
     receiver = None
     if options.otlp_listen:
@@ -145,7 +150,15 @@ def attach(options: AttachOptions, *, progress: Callable[[float], None] | None =
             session = ProbeSession(bpf + ["cpu"], rate_hz=options.rate_hz,
                                    offcpu_min_ns=options.offcpu_threshold_ns,
                                    drain_interval_s=0.05)
-            session.start([options.pid])
+            if spawn is not None:  # `record`: the probes are ready before the command starts
+                session.start([])
+                options = replace(options, pid=spawn())
+                _wait_interpreter(options.pid)
+                if session.loaded:
+                    session.add_target(options.pid)
+                check_target(options.pid)
+            else:
+                session.start([options.pid])
             if session.loaded and session.walker.get(options.pid) is None:
                 result = _attach_kernel(options, session, receiver, progress, stop)
                 result.sampler = "bpf"
@@ -272,6 +285,24 @@ def _attach_kernel(options: AttachOptions, session, receiver, progress, stop) ->
         result.span_breakdowns = breakdowns(mine, store, cpu, data, profile,
                                             window=(start_ns, end_ns))
     return result
+
+
+def _wait_interpreter(pid: int, timeout_s: float = 5.0) -> None:
+    """A command just started: wait until its interpreter can be read (its runtime and first
+    thread state exist), at most `timeout_s`; readers that start earlier see no Python."""
+    from probes import pyprocess
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _alive(pid):
+        try:
+            pyprocess.inspect(pid)
+            return
+        except pyprocess.Unsupported as exc:
+            if not any(k in exc.reason for k in ("not a CPython", "unexpected memory",
+                                                 "cannot find where")):  # (not yet)
+                return  # an interpreter the walker does not read: py-spy takes it
+        except Exception:  # not initialised yet (or not Python yet: before exec)
+            pass
+        time.sleep(0.005)
 
 
 def _alive(pid: int) -> bool:

@@ -26,6 +26,7 @@ def _fail(message: str, code: int = 1) -> None:
 Examples:
   spanflame attach 4242 -d 30 -o app.html    profile a running process for 30 s
   spanflame render app.pb.gz -o app.html     a pprof file to a flame graph
+  spanflame record -- python app.py          profile a command until it exits
   spanflame dump 4242                        every thread's Python stack, once
   spanflame run                              the node agent, UI on http://127.0.0.1:4040
   spanflame doctor                           what this machine lets spanflame do
@@ -87,6 +88,16 @@ def attach(pid: int, duration: float, rate: int, sampler: str, output: str | Non
            offcpu_threshold: float, otlp_listen: str | None, span_wait: float,
            gil_only: bool, spans_output: str | None) -> None:
     """Profile the running Python process PID."""
+    _profile(pid, None, duration, rate, sampler, output, probes, offcpu_threshold, otlp_listen,
+             span_wait, gil_only, spans_output)
+
+
+def _profile(pid: int, command: list[str] | None, duration: float, rate: int, sampler: str,
+             output: str | None, probes: str, offcpu_threshold: float, otlp_listen: str | None,
+             span_wait: float, gil_only: bool, spans_output: str | None) -> None:
+    """attach (pid) or record (command): the options, the progress, the output, the summary."""
+    import subprocess
+
     from agent.attach import AttachOptions, attach as run_attach, parse_probes
     from agent.output import check_writable, write_profile
 
@@ -96,7 +107,8 @@ def attach(pid: int, duration: float, rate: int, sampler: str, output: str | Non
                             otlp_listen=otlp_listen, span_wait_s=span_wait, gil_only=gil_only,
                             sampler=sampler)
     if output is None:
-        output = f"spanflame-{pid}-{time.strftime('%Y%m%dT%H%M%S')}.pb.gz"
+        name = pid if command is None else Path(command[0]).name.removesuffix(".py")
+        output = f"spanflame-{name}-{time.strftime('%Y%m%dT%H%M%S')}.pb.gz"
     check_writable(output)
     if spans_output:
         if not otlp_listen:
@@ -104,21 +116,31 @@ def attach(pid: int, duration: float, rate: int, sampler: str, output: str | Non
         from agent.output import check_writable_json
         check_writable_json(spans_output)
 
+    child: list = []
+
+    def spawn() -> int:
+        try:
+            child.append(subprocess.Popen(command))
+        except OSError as exc:
+            raise UsageError(f"cannot run {command[0]}: {exc.strerror or exc}") from None
+        return child[0].pid
+
     progress = None
     bar = None
     started = [False]
+    what = f"PID {pid}" if command is None else " ".join(command)[:60]
 
     def announce(_frac: float) -> None:
         # With spans coming in, say when samples start: the app's spans before that are
         # received but have no samples.
         if not started[0]:
             started[0] = True
-            click.echo(f"spanflame: recording PID {pid}", err=True)
+            click.echo(f"spanflame: recording {what}", err=True)
 
-    if not sys.stderr.isatty():
-        progress = announce if otlp_listen else None
+    if command is not None or not sys.stderr.isatty():
+        progress = announce if (otlp_listen or command is not None) else None
     else:
-        bar = click.progressbar(length=1000, label=f"profiling PID {pid}", file=sys.stderr,
+        bar = click.progressbar(length=1000, label=f"profiling {what}", file=sys.stderr,
                                 show_eta=True, width=30)
         bar.__enter__()
         done = [0]
@@ -128,22 +150,76 @@ def attach(pid: int, duration: float, rate: int, sampler: str, output: str | Non
             if step > 0:
                 bar.update(step)
                 done[0] += step
+
     def on_listen(url: str) -> None:
         click.echo(f"spanflame: receiving spans at {url}/v1/traces", err=True)
 
     try:
         result = run_attach(options, progress=progress, on_listen=on_listen,
-                            on_wait=lambda msg: click.echo(f"\nspanflame: {msg}", err=True))
+                            on_wait=lambda msg: click.echo(f"\nspanflame: {msg}", err=True),
+                            spawn=spawn if command is not None else None)
+    except BaseException:
+        if child and child[0].poll() is None:  # a command we started must not outlive us
+            child[0].terminate()
+        raise
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
-    size = write_profile(result.profile, output, title=_title(pid),
-                         subtitle=_subtitle(result))
+    if child:
+        pid = child[0].pid
+        # A recorded command is expected to exit: that ends the recording, nothing is partial.
+        result.notes = [n for n in result.notes if not n.startswith("target exited after")]
+    size = write_profile(result.profile, output, title=_title(pid) if not command
+                         else " ".join(command)[:200], subtitle=_subtitle(result))
     if spans_output:
         from agent.output import write_atomic
         doc = {"pid": pid, "spans": [b.to_dict() for b in result.span_breakdowns]}
         write_atomic(spans_output, json.dumps(doc, indent=1).encode())
     _summary(result, output, size)
+    if child:
+        rc = child[0].poll()
+        if rc is None:
+            click.echo(f"  {what}: still running after the recording (PID {pid})")
+        else:
+            click.echo(f"  {what}: exited with status {rc}")
+
+
+def _record(command: tuple[str, ...], duration: float | None, rate: int, sampler: str,
+            output: str | None, probes: str, offcpu_threshold: float, otlp_listen: str | None,
+            span_wait: float, gil_only: bool, spans_output: str | None) -> None:
+    """Start COMMAND and profile it until it exits (or for --duration)."""
+    if not command:
+        raise UsageError("record needs a command to run: spanflame record -- python app.py")
+    _profile(0, list(command), duration or 366 * 86400.0, rate, sampler, output, probes,
+             offcpu_threshold, otlp_listen, span_wait, gil_only, spans_output)
+
+
+def _record_command() -> click.Command:
+    """`record` takes attach's options, a command instead of a PID, and records until the
+    command exits unless --duration says otherwise."""
+    params = []
+    for p in attach.params:
+        if p.name == "pid":
+            continue
+        if p.name == "duration":
+            p = click.Option(["-d", "--duration"], type=float, default=None, metavar="SECONDS",
+                             help="Stop recording after this long (the command keeps running); "
+                                  "default: until the command exits.")
+        params.append(p)
+    params.append(click.Argument(["command"], nargs=-1, required=True, metavar="-- COMMAND..."))
+    return click.Command(
+        "record", callback=_record, params=params,
+        help="Start COMMAND and profile it until it exits, like py-spy record. The probes are "
+             "loaded before the command starts, so its first second is recorded too.",
+        epilog="""\b
+Examples:
+  spanflame record -- python app.py --port 8000       until it exits
+  spanflame record -o run.html --probes all -- python batch.py
+  spanflame record -d 30 -- gunicorn app:app         the first 30 s
+""", context_settings={"help_option_names": ["-h", "--help"]})
+
+
+cli.add_command(_record_command())
 
 
 def _title(pid: int) -> str:

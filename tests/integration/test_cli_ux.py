@@ -137,3 +137,45 @@ def test_attach_otlp_listen_on_a_live_app_ends_soon_after_its_duration(tmp_path)
     spans = json.loads((tmp_path / "s.json").read_text())["spans"]
     assert spans, "no span was linked"
     assert "open it:" in out
+
+
+@pytest.mark.parametrize("sampler", ["auto", "py-spy"])
+def test_record_profiles_a_command_from_its_start_until_it_exits(tmp_path, sampler):
+    import json
+    import sys
+
+    from tests.support import PROGRAMS, is_root
+    if not is_root():
+        pytest.skip("the kernel walker needs root here")
+    from tests.integration.test_pyprocess import INTERPRETERS
+    python = INTERPRETERS["3.12"]
+    out, truth = tmp_path / "r.pb.gz", tmp_path / "truth.json"
+    res = run_cli("record", "--sampler", sampler, "-o", out, "--",
+                  str(python), str(PROGRAMS / "record_me.py"), str(truth))
+    assert res.returncode == 0, res.stderr
+    assert "exited with status 3" in res.stdout
+    assert "partial" not in res.stderr
+    want = json.loads(truth.read_text())
+    prof = pprof.decode(out.read_bytes())
+    got = {"early": 0, "late": 0}
+    for stack, _labels, v in prof.iter_type("cpu"):
+        for f in stack:
+            if f.name in got:
+                got[f.name] += v
+                break
+    total = sum(got.values())
+    assert total, "no CPU on early() or late()"
+    # early() runs in the command's first half second: recorded because the probes are ready
+    # before the command starts. py-spy counts a runnable thread as running, so on a loaded
+    # machine its split follows the run queue, not the CPU: only check that both are there.
+    assert got["early"] and got["late"], got
+    if sampler == "py-spy":
+        return
+    share = got["early"] / total
+    truth_share = want["early"] / (want["early"] + want["late"])
+    assert abs(share - truth_share) < 0.1, (got, want)
+
+
+def test_record_without_a_command_is_a_usage_error():
+    res = run_cli("record")
+    assert res.returncode == 2 and "Try 'spanflame record -h' for help." in res.stderr

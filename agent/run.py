@@ -76,7 +76,9 @@ class RunOptions:
     #: the GIL only): py-spy reads every thread's stack at every sample otherwise, which costs
     #: about a third of a core for 150 threads at 19 Hz on these machines
     gil_only_threads: int = 32
-    max_spans: int = 200_000
+    max_spans: int | None = None
+    #: bytes of spans held in memory for linking (agent/spans.py span_bytes estimates them)
+    max_span_bytes: int = 64 << 20
     #: where stacks come from: auto (the kernel walker where it can, else py-spy), bpf, py-spy
     sampler: str = "auto"
 
@@ -280,7 +282,7 @@ class Agent:
         self.metrics = Metrics()
         self.store = Store(opts.store, retention_s=opts.retention_hours * 3600,
                            max_bytes=opts.retention_bytes)
-        self.spans = SpanStore(max_spans=opts.max_spans)
+        self.spans = SpanStore(max_spans=opts.max_spans, max_bytes=opts.max_span_bytes)
         self.discovery = Discovery(opts.include, opts.exclude)
         self.pods = PodResolver(opts.node)
         self.pipeline = Pipeline(self)
@@ -304,6 +306,7 @@ class Agent:
                                              daemon=True)
         self._last_usage = None
         self._persisted_spans: set[str] = set()
+        self._evicted_seen = 0
         self._kernel_keys: dict[int, object] = {}
         self._warned: set[str] = set()
         self._next_housekeeping = 0.0
@@ -435,9 +438,17 @@ class Agent:
                     if deleted:
                         self.metrics.store_deleted.inc(deleted)
                     self.metrics.store_bytes.set(self.store.data_bytes())
+                self._span_metrics()
             except Exception:  # loop edge
                 log.exception("discovery failed")
             self._stop.wait(self.opts.scan_s)
+
+    def _span_metrics(self) -> None:
+        m, st = self.metrics, self.spans
+        m.spans_held.set(len(st))
+        m.spans_held_bytes.set(st.bytes)
+        m.spans_evicted.inc(max(0, st.evicted - self._evicted_seen))
+        self._evicted_seen = st.evicted
 
     def scan_once(self) -> None:
         found = self.discovery.scan()
@@ -638,7 +649,7 @@ class Agent:
         if rows:
             self.store.add_spans([{**r, "breakdown": None} for r in rows])
             self._persisted_spans.update(r["span_id"] for r in rows)
-        if len(self._persisted_spans) > 4 * self.opts.max_spans:
+        if len(self._persisted_spans) > 4 * max(len(self.spans), 1000):
             self._persisted_spans = {s.span_id for s in self.spans.all()}
 
     def after_round(self) -> None:

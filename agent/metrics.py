@@ -62,6 +62,9 @@ class Metrics:
                                registry=r)
         self.store_bytes = Gauge(f"{NS}_store_bytes", "bytes of profiles in the store",
                                  registry=r)
+        self.store_full = Counter(f"{NS}_store_disk_full",
+                                  "writes refused because the store's disk is full",
+                                  registry=r)
         self.store_deleted = Counter(f"{NS}_store_deleted", "profiles deleted by retention",
                                      registry=r)
         self.probe_drops = Gauge(f"{NS}_probe_drops", "eBPF probe drops and errors, by kind",

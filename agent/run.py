@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from agent.aggregate import add_pieces, fill_sample_counts, new_profile, timeline_pieces
 from agent.clocksync import estimate_error_ns, run_transitions, shift, span_transitions
 from agent.discovery import Discovery, Target
-from agent.errors import SamplerError, SpanflameError, TargetError
+from agent.errors import SamplerError, SpanflameError, StoreFull, TargetError
 from agent.k8s import PodResolver
 from agent.metrics import Metrics
 from agent.model import SAMPLE_TYPES, Profile
@@ -282,6 +282,7 @@ class Agent:
         self.metrics = Metrics()
         self.store = Store(opts.store, retention_s=opts.retention_hours * 3600,
                            max_bytes=opts.retention_bytes)
+        self.store.on_full = lambda _err: self.metrics.store_full.inc()
         self.spans = SpanStore(max_spans=opts.max_spans, max_bytes=opts.max_span_bytes)
         self.discovery = Discovery(opts.include, opts.exclude)
         self.pods = PodResolver(opts.node)
@@ -418,7 +419,10 @@ class Agent:
                             "to stay in the CPU budget")
         fallbacks = sorted({why for source, why in self.sources.values() if why})
         degraded += [f"stacks from py-spy or none: {w}" for w in fallbacks]
-        return {"status": "ok",
+        full = self.store.full
+        if full:
+            degraded.insert(0, full)
+        return {"status": "degraded" if full else "ok",
                 "processes": sum(1 for s, _w in self.sources.values() if s != "none"),
                 "sampler": self.opts.sampler, "walker": self.walker_on,
                 "probes": self.session.active if self.session else [],
@@ -434,7 +438,10 @@ class Agent:
                 self.scan_once()
                 if time.monotonic() >= next_retention:
                     next_retention = time.monotonic() + 60
-                    deleted = self.store.enforce_retention()
+                    try:
+                        deleted = self.store.enforce_retention()
+                    except StoreFull:  # logged and counted by the store; next round
+                        deleted = 0
                     if deleted:
                         self.metrics.store_deleted.inc(deleted)
                     self.metrics.store_bytes.set(self.store.data_bytes())

@@ -45,7 +45,8 @@ class AgentProc:
              # A few processes at full rate: the tests check what is recorded, not the budget
              # (bench/agent_budget.py measures that).
              "--cpu-budget", "50", *extra], stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})})
+            # the checkout under test, whichever checkout the venv was installed from
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:

@@ -89,12 +89,15 @@ def query_profile(agent, q) -> tuple[Profile | None, int]:
     found = agent.store.find(start_ns=start, end_ns=end, type_name=type_name,
                              service=q.get("service") or None, pid=pid, labels=series or None,
                              span_id=span_id, trace_id=trace_id)
-    sample = {k: v for k, v in extra.items() if k not in series}
+    # Keys outside the index: a series label (a pushed tag such as env) or a sample label.
+    tags = {k: v for k, v in extra.items() if k not in series}
+    sample = {}
     if span_id:
         sample["span_id"] = span_id
     if trace_id:
         sample["trace_id"] = trace_id
-    merged = agent.store.merged(found, sample_labels=sample or None, type_name=type_name)
+    merged = agent.store.merged(found, sample_labels=sample or None, type_name=type_name,
+                                tags=tags or None)
     return merged, len(found)
 
 

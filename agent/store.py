@@ -361,10 +361,19 @@ class Store:
         return row[0] if row else None
 
     def merged(self, found: Sequence[StoredProfile], *, sample_labels: dict | None = None,
-               type_name: str | None = None) -> Profile | None:
-        """Decode and merge stored profiles, keeping samples whose labels match `sample_labels`."""
+               type_name: str | None = None, tags: dict | None = None) -> Profile | None:
+        """Decode and merge stored profiles, keeping samples whose labels match `sample_labels`.
+
+        `tags` are filters outside the index (e.g. a pushed `env`): a profile whose series
+        labels have the key must match it there, else its samples must carry it."""
         merged = None
         for sp in found:
+            sample_filter = sample_labels
+            if tags:
+                if any(k in sp.labels and str(sp.labels[k]) != str(v) for k, v in tags.items()):
+                    continue
+                rest = {k: v for k, v in tags.items() if k not in sp.labels}
+                sample_filter = {**(sample_labels or {}), **rest} or None
             data = self.blob(sp.id)
             if data is None:
                 continue
@@ -373,8 +382,8 @@ class Store:
             except SpanflameError as exc:  # a stored blob we cannot read: skip it, log once
                 log.warning("stored profile %d unreadable: %s", sp.id, exc)
                 continue
-            if sample_labels:
-                prof = prof.filtered(sample_labels)
+            if sample_filter:
+                prof = prof.filtered(sample_filter)
             if merged is None:
                 merged = prof
             else:

@@ -37,6 +37,7 @@ from agent.model import SAMPLE_TYPES, Profile
 from agent.pyspy import PySpyRecorder, Recording
 from agent.schedstat import SchedstatPoller
 from agent.spans import SpanStore
+from agent.spanwriter import SpanWriter
 from agent.store import Store
 from agent.timeline import PiecewiseCpu
 
@@ -284,6 +285,8 @@ class Agent:
                            max_bytes=opts.retention_bytes)
         self.store.on_full = lambda _err: self.metrics.store_full.inc()
         self.spans = SpanStore(max_spans=opts.max_spans, max_bytes=opts.max_span_bytes)
+        #: OTLP batches into the store (durable) before their 200, then into self.spans
+        self.span_writer = SpanWriter(self.store, self.spans)
         self.discovery = Discovery(opts.include, opts.exclude)
         self.pods = PodResolver(opts.node)
         self.pipeline = Pipeline(self)
@@ -306,7 +309,6 @@ class Agent:
         self._scan_thread = threading.Thread(target=self._scan_loop, name="spanflame-discovery",
                                              daemon=True)
         self._last_usage = None
-        self._persisted_spans: set[str] = set()
         self._evicted_seen = 0
         self._kernel_keys: dict[int, object] = {}
         self._warned: set[str] = set()
@@ -341,6 +343,7 @@ class Agent:
             for name, why in self.probes_off.items():
                 log.warning("probe %s off: %s", name, why)
                 self.metrics.degraded.labels(what=f"probe {name} off").set(1)
+        self.span_writer.start()
         self.kernel_windows = KernelWindows(self, self.opts.window_s).start()
         if self.walker_on:  # what suspended asyncio tasks with open spans await
             from agent.awaits import AwaitPoller
@@ -392,7 +395,6 @@ class Agent:
         if self.awaits is not None:
             self.awaits.close()
         self.pipeline.close(flush=True)
-        self._persist_spans(final=True)
         if self.session is not None:
             self.session.close()
         if self.exporter is not None:
@@ -401,6 +403,7 @@ class Agent:
             self.forwarder.close()
         for s in self.servers:
             s.close()
+        self.span_writer.close()
         self.store.close()
 
     def wait(self) -> None:
@@ -644,20 +647,7 @@ class Agent:
                 else:
                     bd["windows"] = [window[0]]
             rows.append({**_span_row(s), "breakdown": bd})
-            self._persisted_spans.add(s.span_id)
         self.store.add_spans(rows)
-
-    def _persist_spans(self, final: bool = False) -> None:
-        """Spans of processes we do not profile (and any not yet stored), once they are old
-        enough that no window will claim them."""
-        cutoff = time.time_ns() - (0 if final else int(self.opts.span_wait_s * 2e9))
-        rows = [_span_row(s) for s in self.spans.all()
-                if s.end_ns < cutoff and s.span_id not in self._persisted_spans]
-        if rows:
-            self.store.add_spans([{**r, "breakdown": None} for r in rows])
-            self._persisted_spans.update(r["span_id"] for r in rows)
-        if len(self._persisted_spans) > 4 * max(len(self.spans), 1000):
-            self._persisted_spans = {s.span_id for s in self.spans.all()}
 
     def after_round(self) -> None:
         """Housekeeping after windows were built: spans, probe records, the CPU budget."""
@@ -665,7 +655,6 @@ class Agent:
         if now < self._next_housekeeping:
             return
         self._next_housekeeping = now + self.opts.window_s
-        self._persist_spans()
         if self.session is not None and self.bpf_on:
             oldest = time.time_ns() - int((self.opts.span_wait_s + 3 * self.opts.window_s) * 1e9)
             self.session.prune(oldest)

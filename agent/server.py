@@ -196,7 +196,8 @@ def build_apps(agent) -> tuple[Starlette, Starlette]:
                          exception_handlers=EXCEPTION_HANDLERS), None
     ingest = PyroscopeIngest(agent.ingest, metrics=m,
                              retention_s=agent.store.retention_s)
-    otlp = OtlpReceiver(agent.spans, forwarder=agent.forwarder, metrics=m)
+    otlp = OtlpReceiver(agent.spans, forwarder=agent.forwarder, metrics=m,
+                        sink=agent.span_writer.submit)
     routes += ingest.routes()
     shared = agent.opts.listen == agent.opts.otlp_listen
     if shared:

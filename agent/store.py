@@ -318,6 +318,18 @@ class Store:
                   json.dumps(r["breakdown"]) if r.get("breakdown") is not None else None)
                  for r in rows])
 
+    def insert_spans(self, rows: Sequence[tuple]) -> None:
+        """New spans as `spans` rows (agent/spanwriter.py span_row), in one transaction; a span
+        already stored (resent, or with its breakdown written since) is kept as it is."""
+        if not rows:
+            return
+        con = self._con()
+        with self._txn(con):
+            con.executemany("INSERT OR IGNORE INTO spans(span_id, trace_id, parent_span_id, "
+                            "name, service, pid, tid, start_ns, end_ns, duration_ns, status, "
+                            "kind, attributes, breakdown) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                            rows)
+
     # -- reading ------------------------------------------------------------------------------
     def find(self, *, start_ns: int, end_ns: int, type_name: str, service: str | None = None,
              pid: int | None = None, labels: dict | None = None,

@@ -1,0 +1,121 @@
+"""kill -9 of `spanflame run` under span and profile load, 10 times on one store: every span
+batch and every profile that was answered 200 is there after the restart."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.integration.test_run import AgentProc
+
+pytestmark = [pytest.mark.integration]
+
+
+def _otlp_body(trace: int, n: int) -> tuple[bytes, list[str]]:
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+    req = trace_service_pb2.ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    kv = rs.resource.attributes.add()
+    kv.key, kv.value.string_value = "service.name", "durable"
+    ss = rs.scope_spans.add()
+    t = time.time_ns() - 2_000_000_000
+    ids = []
+    for i in range(n):
+        sid = (trace << 16 | i + 1).to_bytes(8, "big")
+        ss.spans.add(trace_id=trace.to_bytes(16, "big"), span_id=sid, name=f"op{i}",
+                     start_time_unix_nano=t + i, end_time_unix_nano=t + i + 1000)
+        ids.append(sid.hex())
+    return req.SerializeToString(), ids
+
+
+class Load:
+    """Two clients, each recording what was acknowledged: OTLP span batches and folded pushes."""
+
+    def __init__(self, agent: AgentProc, round_: int) -> None:
+        self.agent = agent
+        self.round = round_
+        self.spans: dict[str, list[str]] = {}   # trace id -> span ids acknowledged
+        self.profiles: list[str] = []            # services acknowledged
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._spans), threading.Thread(target=self._pushes)]
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+    def _spans(self) -> None:
+        with httpx.Client(timeout=10, headers={"content-type": "application/x-protobuf"}) as c:
+            k = 0
+            while not self.stop.is_set():
+                k += 1
+                trace = (self.round + 1) << 40 | k
+                body, ids = _otlp_body(trace, 50)
+                try:
+                    r = c.post(self.agent.otlp, content=body)
+                except httpx.HTTPError:
+                    continue
+                if r.status_code == 200:
+                    self.spans[f"{trace:032x}"] = ids
+
+    def _pushes(self) -> None:
+        rng = random.Random(self.round)
+        with httpx.Client(timeout=10) as c:
+            k = 0
+            while not self.stop.is_set():
+                k += 1
+                service = f"dur-{self.round}-{k}"
+                body = "\n".join(f"main;work;f{rng.randint(0, 50)} {rng.randint(1, 9)}"
+                                 for _ in range(20))
+                try:
+                    r = c.post(f"{self.agent.url}/ingest", content=body.encode(),
+                               params={"name": service, "format": "folded",
+                                       "from": str(int(time.time()) - 10),
+                                       "until": str(int(time.time()))})
+                except httpx.HTTPError:
+                    continue
+                if r.status_code == 200:
+                    self.profiles.append(service)
+
+
+def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path):
+    store = tmp_path / "store"
+    acked_spans: dict[str, list[str]] = {}
+    acked_profiles: list[str] = []
+    t_start = time.time()
+    for round_ in range(10):
+        a = AgentProc(store, "--sampler", "py-spy", "--probes", "cpu")
+        with Load(a, round_) as load:
+            time.sleep(random.Random(round_).uniform(0.8, 1.6))
+            a.kill9()  # while both clients are sending
+        a.log.close()
+        acked_spans.update(load.spans)
+        acked_profiles += load.profiles
+        assert load.spans and load.profiles, f"round {round_}: nothing was acknowledged"
+    b = AgentProc(store, "--sampler", "py-spy", "--probes", "cpu")
+    try:
+        missing_spans = []
+        for trace, ids in acked_spans.items():
+            r = httpx.get(f"{b.url}/api/trace/{trace}", timeout=30)
+            got = {s["span_id"] for s in r.json()}
+            missing_spans += [i for i in ids if i not in got]
+        services = {s["service"] for s in httpx.get(
+            f"{b.url}/api/services", params={"from": str(t_start - 60)}, timeout=30).json()}
+        missing_profiles = [s for s in acked_profiles if s not in services]
+    finally:
+        b.stop()
+    n_spans = sum(len(v) for v in acked_spans.values())
+    assert not missing_spans, f"{len(missing_spans)} of {n_spans} acknowledged spans lost"
+    assert not missing_profiles, \
+        f"{len(missing_profiles)} of {len(acked_profiles)} acknowledged profiles lost"
+    assert n_spans >= 1000 and len(acked_profiles) >= 20

@@ -96,7 +96,10 @@ def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path):
     for round_ in range(10):
         a = AgentProc(store, "--sampler", "py-spy", "--probes", "cpu")
         with Load(a, round_) as load:
-            time.sleep(random.Random(round_).uniform(0.8, 1.6))
+            deadline = time.monotonic() + 20
+            while not (load.spans and load.profiles) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(random.Random(round_).uniform(0.5, 1.5))
             a.kill9()  # while both clients are sending
         a.log.close()
         acked_spans.update(load.spans)

@@ -6,10 +6,11 @@ every span id unique) over keep-alive connections for --seconds. The server runs
 process, so its CPU is measured alone (/proc), and only acknowledged (200) spans count.
 
 - `--target receiver` (default): the agent's OTLP path on its own: OtlpReceiver, SpanStore and,
-  where the code has it, the durable span inbox in a store (what `spanflame run` wires).
+  where the code has it, the SpanWriter that commits each batch to a store before its 200 (what
+  `spanflame run` wires); a checkout without it keeps spans in memory only.
 - `--target agent`: the whole `spanflame run` (py-spy sampler, no eBPF, no process matched).
 
-It also prints the cost of each step in one process, without HTTP (`steps_us_per_span`).
+It also prints the CPU cost of each step in one process, without HTTP (`steps_cpu_us_per_span`).
 
     python -m bench.otlp_ingest [--seconds 10] [--clients 2] [--target receiver|agent]
 
@@ -96,7 +97,7 @@ def serve(port: int, store_dir: str) -> None:
     else:
         store = Store(store_dir)
         writer = SpanWriter(store, spans).start()
-        rx = OtlpReceiver(spans, sink=writer.accept)
+        rx = OtlpReceiver(spans, sink=writer.submit)
     srv = ServerThread(Starlette(routes=rx.routes()), "127.0.0.1", port, name="otlp").start()
     print("ready", flush=True)
     signal.sigwait({signal.SIGTERM})
@@ -141,15 +142,16 @@ def start_agent(tmp: str) -> tuple[subprocess.Popen, str]:
 
 
 # -- clients ---------------------------------------------------------------------------------
-def client(url: str, seed: int, bodies: int, start_at: float, stop_at: float, out) -> None:
+def client(url: str, seed: int, bodies: int, ready, go, stop_at, out) -> None:
     import httpx
 
     data = [make_body(seed * 100_003 + i) for i in range(bodies)]
+    ready.put(seed)
+    go.wait()
+    stop_at = stop_at.value
     ok = err = 0
     rejected: dict[int, int] = {}
     with httpx.Client(timeout=30, headers={"content-type": "application/x-protobuf"}) as c:
-        while time.time() < start_at:
-            time.sleep(0.01)
         i = 0
         while time.time() < stop_at and i < len(data):
             try:
@@ -177,18 +179,22 @@ def over_http(args) -> dict:
     proc, url = (start_agent if args.target == "agent" else start_receiver)(tmp)
     try:
         q: mp.Queue = mp.Queue()
-        # Enough distinct bodies for the whole run at 100k spans/s, built before the clock starts.
-        per_client = int(args.seconds * 100_000 / BATCH / args.clients) + 20
-        warm = 8.0 + per_client * 0.006  # time to build the bodies
-        start_at = time.time() + warm
-        stop_at = start_at + args.seconds
-        ps = [mp.Process(target=client, args=(url, i + 1, per_client, start_at, stop_at, q))
+        ready: mp.Queue = mp.Queue()
+        go = mp.Event()
+        stop_at = mp.Value("d", 0.0)
+        # Distinct bodies (every span id unique) for the whole run at up to --max-rate spans/s,
+        # built before the clock starts.
+        per_client = int(args.seconds * args.max_rate / BATCH / args.clients) + 20
+        ps = [mp.Process(target=client, args=(url, i + 1, per_client, ready, go, stop_at, q))
               for i in range(args.clients)]
         for p in ps:
             p.start()
-        time.sleep(max(0.0, start_at - time.time()))
+        for _ in ps:
+            ready.get(timeout=600)
+        stop_at.value = time.time() + args.seconds
         c0, t0 = cpu_s(proc.pid), time.monotonic()
-        time.sleep(max(0.0, stop_at - time.time()))
+        go.set()
+        time.sleep(max(0.0, stop_at.value - time.time()))
         c1, t1 = cpu_s(proc.pid), time.monotonic()
         results = [q.get(timeout=120) for _ in ps]
         for p in ps:
@@ -218,38 +224,33 @@ def steps(n_bodies: int = 60) -> dict:
 
     bodies = [make_body(10_000 + i) for i in range(n_bodies)]
     n = n_bodies * BATCH
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     reqs = [trace_service_pb2.ExportTraceServiceRequest.FromString(b) for b in bodies]
-    t1 = time.perf_counter()
+    t1 = time.process_time()
     batches = [from_otlp(r)[0] for r in reqs]
-    t2 = time.perf_counter()
+    t2 = time.process_time()
     store = SpanStore()
     for b in batches:
         store.add(b)
-    t3 = time.perf_counter()
+    t3 = time.process_time()
     out = {"parse": (t1 - t0), "to_span_records": (t2 - t1), "span_store_add": (t3 - t2)}
     try:
-        from agent.spanwriter import SpanWriter, encode_batch
+        from agent.spanwriter import span_row
         from agent.store import Store
     except ImportError:
         pass
     else:
-        t3 = time.perf_counter()
-        blobs = [encode_batch(b) for b in batches]
-        t4 = time.perf_counter()
+        t3 = time.process_time()
+        rows = [[span_row(s) for s in b] for b in batches]
+        t4 = time.process_time()
         with tempfile.TemporaryDirectory() as d:
             st = Store(d)
-            t5 = time.perf_counter()
-            for blob, b in zip(blobs, batches):
-                st.add_inbox([(blob, len(b))])
-            t6 = time.perf_counter()
-            w = SpanWriter(st, SpanStore())
-            t7 = time.perf_counter()
-            w.flush(before_ns=time.time_ns() + 1)
-            t8 = time.perf_counter()
+            t5 = time.process_time()
+            for r in rows:
+                st.insert_spans(r)
+            t6 = time.process_time()
             st.close()
-        out.update({"encode_for_inbox": t4 - t3, "inbox_commit": t6 - t5,
-                    "inbox_to_spans_table (background)": t8 - t7})
+        out.update({"span_rows": t4 - t3, "store_commit (one per batch)": t6 - t5})
     return {k: round(v / n * 1e6, 2) for k, v in out.items()}
 
 
@@ -258,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--max-rate", type=int, default=60_000,
+                    help="spans/s the prepared bodies last for (default 60000)")
     ap.add_argument("--target", choices=["receiver", "agent"], default="receiver")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.serve:
         serve(args.serve, args.store)
         return {}
-    summary = {"benchmark": "otlp_ingest", "steps_us_per_span": steps(), **over_http(args)}
+    summary = {"benchmark": "otlp_ingest", "steps_cpu_us_per_span": steps(), **over_http(args)}
     print(json.dumps(summary))
     return summary
 

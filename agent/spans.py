@@ -82,7 +82,8 @@ def from_otlp(request, to_host=None) -> tuple[list[SpanRecord], list[str]]:
     rejected: list[str] = []
     for rs in request.resource_spans:
         res_attrs = {kv.key: _any_value(kv.value) for kv in rs.resource.attributes}
-        service = str(res_attrs.get("service.name") or "unknown_service")
+        service = sys.intern(_clip(str(res_attrs.get("service.name") or "unknown_service"),
+                                   MAX_NAME))
         res_pid = res_attrs.get("process.pid")
         for ss in rs.scope_spans:
             for sp in ss.spans:
@@ -93,45 +94,73 @@ def from_otlp(request, to_host=None) -> tuple[list[SpanRecord], list[str]]:
     return out, rejected
 
 
+_ZERO_TRACE, _ZERO_SPAN = bytes(16), bytes(8)
+_OURS = frozenset((ATTR_PID, ATTR_TID, ATTR_PID_NS, ATTR_TASK))
+_PLAIN = frozenset(("string_value", "int_value", "double_value", "bool_value"))
+
+
 def _span(sp, service: str, res_pid, to_host=None) -> SpanRecord:
-    if len(sp.trace_id) != 16 or not any(sp.trace_id):
+    # The hot path of OTLP ingest (bench/otlp_ingest.py): each protobuf field is read once.
+    trace_id, span_id, parent = sp.trace_id, sp.span_id, sp.parent_span_id
+    if len(trace_id) != 16 or trace_id == _ZERO_TRACE:
         raise InvalidSpan("span with an invalid trace_id (must be 16 non-zero bytes)")
-    if len(sp.span_id) != 8 or not any(sp.span_id):
+    if len(span_id) != 8 or span_id == _ZERO_SPAN:
         raise InvalidSpan("span with an invalid span_id (must be 8 non-zero bytes)")
-    if sp.parent_span_id and len(sp.parent_span_id) != 8:
+    if parent and len(parent) != 8:
         raise InvalidSpan("span with an invalid parent_span_id")
-    if sp.end_time_unix_nano < sp.start_time_unix_nano:
+    start_ns, end_ns = sp.start_time_unix_nano, sp.end_time_unix_nano
+    if end_ns < start_ns:
         raise InvalidSpan("span that ends before it starts")
     attrs = {}
     pid = res_pid if isinstance(res_pid, int) else 0
     tid = ns = task = 0
     for kv in sp.attributes:
-        val = _any_value(kv.value)
-        if kv.key == ATTR_PID and isinstance(val, int):
-            pid = val
-        elif kv.key == ATTR_TID and isinstance(val, int):
-            tid = val
-        elif kv.key == ATTR_PID_NS and isinstance(val, int):
-            ns = val
-        elif kv.key == ATTR_TASK and isinstance(val, int):
-            task = val if 0 < val < 1 << 64 else 0
-        elif len(attrs) < MAX_ATTRS and val is not None:
-            attrs[_clip(kv.key, 64)] = _clip(str(val), MAX_ATTR_VALUE)
+        key = kv.key
+        v = kv.value
+        which = v.WhichOneof("value")
+        if which is None:
+            continue
+        if key in _OURS:
+            if which != "int_value":
+                continue
+            val = v.int_value
+            if key == ATTR_PID:
+                pid = val
+            elif key == ATTR_TID:
+                tid = val
+            elif key == ATTR_PID_NS:
+                ns = val
+            else:
+                task = val if 0 < val < 1 << 64 else 0
+            continue
+        if len(attrs) >= MAX_ATTRS:
+            continue
+        if which in _PLAIN:
+            val = getattr(v, which)
+            if which != "string_value":
+                val = str(val)
+        elif which == "bytes_value":
+            val = v.bytes_value.hex()
+        else:
+            val = "<complex>"
+        if len(key) > 64:
+            key = _clip(key, 64)
+        attrs[key] = val if len(val) <= MAX_ATTR_VALUE else _clip(val, MAX_ATTR_VALUE)
     if not 0 <= pid < 1 << 32 or not 0 <= tid < 1 << 32:
         pid = tid = 0
     if to_host is not None and ns and pid:
         host = to_host(ns, pid, tid)
         pid, tid = host if host is not None else (0, 0)
     flags = sp.flags
+    name = sp.name
     # Names and services repeat across spans: one copy each (memory per span held matters).
     return SpanRecord(
-        trace_id=sp.trace_id.hex(), span_id=sp.span_id.hex(),
-        parent_span_id=sp.parent_span_id.hex() if sp.parent_span_id else "",
-        name=sys.intern(_clip(sp.name, MAX_NAME)), service=sys.intern(_clip(service, MAX_NAME)),
-        pid=pid, tid=tid,
-        start_ns=sp.start_time_unix_nano, end_ns=sp.end_time_unix_nano,
+        trace_id=trace_id.hex(), span_id=span_id.hex(),
+        parent_span_id=parent.hex() if parent else "",
+        name=sys.intern(name if len(name) <= MAX_NAME else _clip(name, MAX_NAME)),
+        service=service, pid=pid, tid=tid, start_ns=start_ns, end_ns=end_ns,
         status=_STATUS.get(sp.status.code, "unset"), kind=_KINDS.get(sp.kind, "internal"),
-        attributes=tuple(sorted(attrs.items())),
+        attributes=tuple(sorted(attrs.items())) if len(attrs) > 1 else tuple(attrs.items()),
         parent_is_remote=bool(flags & _FLAG_HAS_REMOTE and flags & _FLAG_REMOTE),
         task=task if pid else 0)
 

@@ -53,16 +53,16 @@ def test_estimate_is_not_below_what_a_span_costs():
 
 def test_eviction_of_one_thread_with_decreasing_starts_is_fast():
     """200k spans of one thread arriving newest-start-first, through a store that holds 100k:
-    every batch is added in well under a second (a linear search per eviction took 5.8 s)."""
+    every batch is added in well under a second of CPU (a linear search per eviction took 5.8 s)."""
     st = SpanStore(max_spans=100_000, max_bytes=1 << 40)
     slowest = 0.0
     for b in range(400):
         batch = [_span(b * 500 + i, start_ns=10**18 - (b * 500 + i) * 1000, attrs=0)
                  for i in range(500)]
-        t0 = time.perf_counter()
+        t0 = time.thread_time()  # CPU, not wall: the test machine may be busy
         st.add(batch)
-        slowest = max(slowest, time.perf_counter() - t0)
-        assert slowest < 1.0, f"batch {b} took {slowest:.1f} s"
+        slowest = max(slowest, time.thread_time() - t0)
+        assert slowest < 1.0, f"batch {b} took {slowest:.1f} s of CPU"
     assert len(st) == 100_000 and st.evicted == 100_000
     # what is held is still found by time, and nothing evicted is
     got = st.thread_spans(4242, 4300, 0, 1 << 62)

@@ -23,6 +23,7 @@ import logging
 import os
 import resource
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from agent.metrics import Metrics
 from agent.model import SAMPLE_TYPES, Profile
 from agent.pyspy import PySpyRecorder, Recording
 from agent.schedstat import SchedstatPoller
-from agent.spans import SpanStore
+from agent.spans import SpanRecord, SpanStore
 from agent.spanwriter import SpanWriter
 from agent.store import Store
 from agent.timeline import PiecewiseCpu
@@ -343,6 +344,7 @@ class Agent:
             for name, why in self.probes_off.items():
                 log.warning("probe %s off: %s", name, why)
                 self.metrics.degraded.labels(what=f"probe {name} off").set(1)
+        self._reload_spans()
         self.span_writer.start()
         self.kernel_windows = KernelWindows(self, self.opts.window_s).start()
         if self.walker_on:  # what suspended asyncio tasks with open spans await
@@ -368,6 +370,26 @@ class Agent:
         self.pipeline.start()
         self._scan_thread.start()
         return self
+
+    def _reload_spans(self) -> None:
+        """Hold again the spans stored recently (before a restart or a crash), so that windows
+        wait for a process's spans as they did and link to the spans still open around them."""
+        since = time.time_ns() - int((self.opts.span_wait_s + 3 * self.opts.window_s) * 1e9)
+        try:
+            rows = self.store.recent_spans(since)
+        except Exception:  # loop edge: an unreadable store is reported by its first write
+            log.exception("reloading recent spans failed")
+            return
+        self.spans.add(SpanRecord(
+            trace_id=r["trace_id"], span_id=r["span_id"], parent_span_id=r["parent_span_id"],
+            name=sys.intern(r["name"]), service=sys.intern(r["service"]), pid=r["pid"],
+            tid=r["tid"], start_ns=r["start_ns"], end_ns=r["end_ns"], status=r["status"],
+            kind=r["kind"], attributes=tuple(sorted((str(k), str(v)) for k, v in
+                                                    (r["attributes"] or {}).items())))
+            for r in rows)
+        if rows:
+            log.info("holding %d spans stored in the last %.0f s again", len(rows),
+                     (time.time_ns() - since) / 1e9)
 
     @property
     def url(self) -> str:

@@ -508,6 +508,10 @@ class Store:
         args.append(limit)
         return self._spans("WHERE " + " AND ".join(where) + f" ORDER BY {order} LIMIT ?", args)
 
+    def recent_spans(self, since_ns: int, limit: int = 200_000) -> list[dict]:
+        """Spans that ended after `since_ns`, oldest first (to hold again after a restart)."""
+        return self._spans("WHERE end_ns > ? ORDER BY end_ns LIMIT ?", (since_ns, limit))
+
     def spans_near(self, name: str, service: str, t_ns: int, start_ns: int, end_ns: int,
                    limit: int = 20) -> list[dict]:
         """Spans of this name and service in the range, nearest to t_ns first."""

@@ -130,3 +130,22 @@ def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path):
     assert not missing_profiles, \
         f"{len(missing_profiles)} of {len(acked_profiles)} acknowledged profiles lost"
     assert n_spans >= 1000 and len(acked_profiles) >= 20
+
+
+def test_spans_stored_before_a_kill_are_held_again_after_the_restart(tmp_path):
+    """After a crash the agent holds the recent spans again (a window waits for a process's
+    spans as before): /api/trace serves them and /healthz comes up."""
+    store = tmp_path / "store"
+    a = AgentProc(store, *ARGS, include=NOTHING)
+    body, ids = _otlp_body(77, 5)
+    r = httpx.post(a.otlp, content=body, headers={"content-type": "application/x-protobuf"})
+    assert r.status_code == 200
+    a.kill9()
+    a.log.close()
+    b = AgentProc(store, *ARGS, include=NOTHING)
+    try:
+        got = {s["span_id"] for s in httpx.get(f"{b.url}/api/trace/{77:032x}").json()}
+        assert set(ids) <= got
+    finally:
+        b.stop()
+    assert "holding 5 spans stored" in open(b.log.name).read()

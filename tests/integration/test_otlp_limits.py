@@ -92,7 +92,8 @@ def test_decoding_a_large_batch_does_not_hold_the_event_loop():
         took = time.monotonic() - t0
         assert status == [200] and len(store) == 60_000
         assert probes >= 5, f"the batch took {took:.2f} s, too short to tell"
-        assert worst < max(0.25, took / 4), f"/healthz waited {worst:.2f} s of {took:.2f} s"
+        # main held the loop for the whole decode (worst == took); a busy machine adds delays
+        assert worst < max(0.25, took / 3), f"/healthz waited {worst:.2f} s of {took:.2f} s"
 
 
 def test_full_queue_answers_429_with_retry_after():

@@ -259,6 +259,8 @@ class Pipeline:
                 try:
                     self.agent.build_window(job)
                     self.agent.metrics.windows.labels(result="ok").inc()
+                except StoreFull:  # logged (once a minute) and counted by the store
+                    self.agent.metrics.windows.labels(result="dropped").inc()
                 except Exception:  # loop edge: one bad window must not stop the agent
                     log.exception("building window of PID %d failed", job.target.pid)
                     self.agent.metrics.windows.labels(result="failed").inc()
@@ -274,6 +276,8 @@ class Pipeline:
             for job in jobs:
                 try:
                     self.agent.build_window(job)
+                except StoreFull:
+                    pass  # logged by the store
                 except Exception:
                     log.exception("flushing window of PID %d failed", job.target.pid)
 

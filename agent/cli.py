@@ -411,7 +411,9 @@ Examples:
 @click.option("--retention-hours", type=float, default=72.0, show_default=True,
               envvar="SPANFLAME_RETENTION_HOURS", help="Delete profiles older than this.")
 @click.option("--retention-size", default="10GiB", show_default=True,
-              envvar="SPANFLAME_RETENTION_SIZE", help="Keep the stored profiles under this size.")
+              envvar="SPANFLAME_RETENTION_SIZE",
+              help="Keep the store's database (profiles and spans) under this size; the oldest "
+              "data goes first and the file shrinks.")
 @click.option("--cpu-budget", type=float, default=1.0, show_default=True,
               envvar="SPANFLAME_CPU_BUDGET", metavar="PERCENT",
               help="Agent CPU (itself and py-spy) per 10 profiled processes, in % of one core.")

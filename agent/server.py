@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from agent import pprof
+from agent.errors import StoreFull
 from agent.model import SAMPLE_TYPES, Profile
 from agent.otlp_receiver import OtlpReceiver
 from agent.pyroscope_ingest import PyroscopeIngest
@@ -88,18 +89,31 @@ def query_profile(agent, q) -> tuple[Profile | None, int]:
     found = agent.store.find(start_ns=start, end_ns=end, type_name=type_name,
                              service=q.get("service") or None, pid=pid, labels=series or None,
                              span_id=span_id, trace_id=trace_id)
-    sample = {k: v for k, v in extra.items() if k not in series}
+    # Keys outside the index: a series label (a pushed tag such as env) or a sample label.
+    tags = {k: v for k, v in extra.items() if k not in series}
+    sample = {}
     if span_id:
         sample["span_id"] = span_id
     if trace_id:
         sample["trace_id"] = trace_id
-    merged = agent.store.merged(found, sample_labels=sample or None, type_name=type_name)
+    merged = agent.store.merged(found, sample_labels=sample or None, type_name=type_name,
+                                tags=tags or None)
     return merged, len(found)
 
 
 def _empty(type_name: str, start: int, end: int) -> Profile:
     t = SAMPLE_TYPES.get(type_name) or (type_name, "count")
     return Profile([t], time_ns=start, duration_ns=end - start, default_sample_type=type_name)
+
+
+async def _store_full(request: Request, exc: StoreFull) -> Response:
+    """A write refused for a full disk: 507 with the reason (OTLP: 503 and Retry-After, which
+    OTLP exporters retry; 507 is not retryable there)."""
+    status = 503 if request.url.path == "/v1/traces" else 507
+    return PlainTextResponse(f"{exc}\n", status_code=status, headers={"retry-after": "60"})
+
+
+EXCEPTION_HANDLERS = {StoreFull: _store_full}
 
 
 def build_apps(agent) -> tuple[Starlette, Starlette]:
@@ -178,17 +192,20 @@ def build_apps(agent) -> tuple[Starlette, Starlette]:
     if agent.opts.auth_token:
         middleware.append(Middleware(TokenAuth, token=agent.opts.auth_token))
     if read_only:  # `spanflame serve`: no ingest, no OTLP
-        return Starlette(routes=routes, middleware=middleware), None
+        return Starlette(routes=routes, middleware=middleware,
+                         exception_handlers=EXCEPTION_HANDLERS), None
     ingest = PyroscopeIngest(agent.ingest, metrics=m,
                              retention_s=agent.store.retention_s)
-    otlp = OtlpReceiver(agent.spans, forwarder=agent.forwarder, metrics=m)
+    otlp = OtlpReceiver(agent.spans, forwarder=agent.forwarder, metrics=m,
+                        sink=agent.span_writer.submit)
     routes += ingest.routes()
     shared = agent.opts.listen == agent.opts.otlp_listen
     if shared:
         routes += otlp.routes()
-    main = Starlette(routes=routes, middleware=middleware)
+    main = Starlette(routes=routes, middleware=middleware,
+                     exception_handlers=EXCEPTION_HANDLERS)
     otlp_app = Starlette(routes=otlp.routes() + [Route("/healthz", healthz)],
-                         middleware=middleware)
+                         middleware=middleware, exception_handlers=EXCEPTION_HANDLERS)
     return main, otlp_app
 
 

@@ -218,12 +218,14 @@ class View:
               window: tuple[int, int] | None = None) -> Profile | None:
         store = self.agent.store
         found, scale = self._found(type_name, span_ids, window)
-        sample: dict = dict(self.sample)
+        sample: dict = {}
         if span_ids:
             sample["span_id"] = set(span_ids)
         elif self.trace_id and window is None:
             sample["trace_id"] = self.trace_id
-        prof = store.merged(found, sample_labels=sample or None, type_name=type_name)
+        # self.sample: keys outside the index, a series label (pushed tag) or a sample label
+        prof = store.merged(found, sample_labels=sample or None, type_name=type_name,
+                            tags=self.sample or None)
         if prof is not None and scale != 1.0:
             for vec in prof.samples.values():
                 for i, v in enumerate(vec):

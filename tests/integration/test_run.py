@@ -33,7 +33,8 @@ def free_port() -> int:
 
 
 class AgentProc:
-    def __init__(self, store: Path, *extra: str, env: dict | None = None) -> None:
+    def __init__(self, store: Path, *extra: str, env: dict | None = None,
+                 include: str = "tests/programs/") -> None:
         self.store = store
         self.port, self.otlp_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -41,11 +42,12 @@ class AgentProc:
         self.log = open(store.parent / f"agent-{self.port}.log", "w")
         self.proc = subprocess.Popen(
             [str(SPANFLAME), "-v", "run", "--store", str(store), "--listen", f"127.0.0.1:{self.port}",
-             "--otlp-listen", f"127.0.0.1:{self.otlp_port}", "--include", "tests/programs/",
+             "--otlp-listen", f"127.0.0.1:{self.otlp_port}", "--include", include,
              # A few processes at full rate: the tests check what is recorded, not the budget
              # (bench/agent_budget.py measures that).
              "--cpu-budget", "50", *extra], stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})})
+            # the checkout under test, whichever checkout the venv was installed from
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:

@@ -16,6 +16,7 @@ import logging
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -93,12 +94,14 @@ class OtlpReceiver:
 
     def __init__(self, store: SpanStore, *, forwarder=None, metrics=None,
                  max_body: int = MAX_BODY, max_decoded: int = MAX_DECODED,
-                 pidns=None) -> None:
+                 pidns=None, sender_check=None) -> None:
         from agent.pidns import PidNamespaces
 
         self.store = store
         #: ids from an app's own PID namespace to the host's (agent/pidns.py)
         self.pidns = pidns if pidns is not None else PidNamespaces()
+        #: (request.client, spans) -> spans: drops ids the sender may not name (agent/senders.py)
+        self.sender_check = sender_check
         self.forwarder = forwarder
         self.metrics = metrics
         self.max_body = max_body
@@ -132,6 +135,8 @@ class OtlpReceiver:
             log.info("OTLP request refused: %s", exc.message)
             return _error(exc.status, exc.message, reply_type)
         spans, rejected = from_otlp(req, self.pidns.to_host)
+        if self.sender_check is not None:  # reads /proc: off the event loop
+            spans = await run_in_threadpool(self.sender_check, request.client, spans)
         self.store.add(spans)
         if self.forwarder is not None:
             self.forwarder.submit(body, raw_type, request.headers.get("content-encoding"))

@@ -8,9 +8,13 @@
   caught in the child by comparing `getppid()` with the pid recorded before the fork.
 * `scratch_dir` makes a directory named after its owner: `<prefix><pidns>-<pid>-<start>-<rand>`
   (PID namespace inode, pid, start time in clock ticks). Its owner removes it on every orderly
-  exit path; before the first one a process makes, `remove_stale` removes those whose owner is
-  gone (killed with SIGKILL, say). A live owner's directory is never touched, pid reuse
-  included (the start time differs), nor another PID namespace's (its pids are not ours).
+  exit path. For the others (SIGKILL, the OOM killer), the first call per prefix also starts a
+  *cleaner*: a `sh` in its own session blocked reading a pipe whose only writer is this
+  process. When this process is gone, however it went, the kernel closes the pipe, `read`
+  returns and the cleaner removes this process's directories (the owner tag is in their
+  names). And before the first one a process makes, `remove_stale` removes those whose owner
+  is gone and whose cleaner did not run (killed with it, say). A live owner's directory is
+  never touched, pid reuse included (the start time differs), nor another PID namespace's.
 """
 
 from __future__ import annotations
@@ -128,7 +132,25 @@ def scratch_dir(prefix: str, parent: str | None = None) -> Path:
         _swept.add(key)
     if first:
         remove_stale(prefix, parent)
+        _start_cleaner(os.path.join(parent, f"{prefix}{owner_tag()}-"))
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{owner_tag()}-", dir=parent))
+
+
+#: The cleaners' pipes (write ends): held open, never written, for as long as this process lives.
+_cleaners: list = []
+
+
+def _start_cleaner(pattern: str) -> None:
+    """Start a process that removes `<pattern>*` once this process is gone (see the module
+    docstring). Best effort: without /bin/sh, `remove_stale` at the next start does it."""
+    try:
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", 'read _ignored; rm -rf -- "$0"*', pattern],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)  # no Ctrl-C from the terminal: it outlives us on purpose
+    except OSError:
+        return
+    _cleaners.append(proc)  # keeps proc.stdin (the pipe's only writer) open
 
 
 def remove_stale(prefix: str, parent: str | None = None) -> list[str]:

@@ -239,6 +239,16 @@ def _default_store() -> str:
     return os.path.join(os.path.expanduser("~"), ".local", "share", "spanflame")
 
 
+def _auth_token(given: str | None) -> str | None:
+    """--auth-token, checked: an empty SPANFLAME_AUTH_TOKEN (which click reads as unset) or an
+    empty flag is an error, never "auth off"."""
+    from agent.httpguard import check_token
+
+    if given is None and "SPANFLAME_AUTH_TOKEN" in os.environ:
+        given = os.environ["SPANFLAME_AUTH_TOKEN"]
+    return check_token(given)
+
+
 def _size(text: str) -> int:
     t = text.strip().upper().replace("IB", "").replace("B", "")
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -287,7 +297,14 @@ def _size(text: str) -> int:
 @click.option("--otlp-forward", default=None, envvar="SPANFLAME_OTLP_FORWARD", metavar="URL",
               help="Forward received spans unchanged to this OTLP/HTTP endpoint.")
 @click.option("--auth-token", default=None, envvar="SPANFLAME_AUTH_TOKEN",
-              help="Require this bearer token for the UI, API and ingest.")
+              help="Require this bearer token for the UI, API and ingest (required to listen "
+                   "beyond loopback).")
+@click.option("--allowed-hosts", default=None, envvar="SPANFLAME_ALLOWED_HOSTS", metavar="LIST",
+              help="Host header names accepted besides loopback names, IP addresses and this "
+                   "machine's name: comma-separated, '.suffix' for a domain (DNS rebinding).")
+@click.option("--insecure-no-auth", is_flag=True, envvar="SPANFLAME_INSECURE_NO_AUTH",
+              help="Listen beyond loopback without a token (anyone reaching it can read and "
+                   "write).")
 @click.option("--retention-hours", type=float, default=72.0, show_default=True,
               envvar="SPANFLAME_RETENTION_HOURS", help="Delete profiles older than this.")
 @click.option("--retention-size", default="10GiB", show_default=True,
@@ -303,11 +320,12 @@ def run(store: str, listen: str, otlp_listen: str, rate: int, sampler: str, wind
         include: str | None, exclude: str | None, export_pyroscope: str | None,
         export_pyroscope_tenant, export_pyroscope_user, export_pyroscope_password,
         export_pyroscope_token, otlp_forward: str | None, auth_token: str | None,
-        retention_hours: float, retention_size: str, cpu_budget: float, span_wait: float) -> None:
+        allowed_hosts: str | None, insecure_no_auth: bool, retention_hours: float, retention_size: str, cpu_budget: float, span_wait: float) -> None:
     """Profile every Python process on this machine, continuously; serve the UI and API."""
     import signal as _signal
 
     from agent.attach import parse_probes
+    from agent.httpguard import parse_allowed_hosts
     from agent.run import Agent, RunOptions
 
     if not 1 <= rate <= 1000:
@@ -319,7 +337,9 @@ def run(store: str, listen: str, otlp_listen: str, rate: int, sampler: str, wind
         probes=parse_probes(probes), include=include, exclude=exclude,
         export_pyroscope=export_pyroscope, export_tenant=export_pyroscope_tenant,
         export_user=export_pyroscope_user, export_password=export_pyroscope_password,
-        export_token=export_pyroscope_token, otlp_forward=otlp_forward, auth_token=auth_token,
+        export_token=export_pyroscope_token, otlp_forward=otlp_forward,
+        auth_token=_auth_token(auth_token), allowed_hosts=parse_allowed_hosts(allowed_hosts),
+        insecure_no_auth=insecure_no_auth,
         retention_hours=retention_hours, retention_bytes=_size(retention_size),
         cpu_budget=cpu_budget / 100, span_wait_s=span_wait, sampler=sampler)
     agent = Agent(opts).start()
@@ -349,15 +369,25 @@ def run(store: str, listen: str, otlp_listen: str, rate: int, sampler: str, wind
 @click.option("--listen", default="127.0.0.1:4040", show_default=True, envvar="SPANFLAME_LISTEN",
               metavar="HOST:PORT", help="Web UI and HTTP API.")
 @click.option("--auth-token", default=None, envvar="SPANFLAME_AUTH_TOKEN",
-              help="Require this bearer token for the UI's data and the API.")
-def serve(store: str, listen: str, auth_token: str | None) -> None:
+              help="Require this bearer token for the UI's data and the API (required to listen "
+                   "beyond loopback).")
+@click.option("--allowed-hosts", default=None, envvar="SPANFLAME_ALLOWED_HOSTS", metavar="LIST",
+              help="Host header names accepted besides loopback names, IP addresses and this "
+                   "machine's name: comma-separated, '.suffix' for a domain.")
+@click.option("--insecure-no-auth", is_flag=True, envvar="SPANFLAME_INSECURE_NO_AUTH",
+              help="Listen beyond loopback without a token.")
+def serve(store: str, listen: str, auth_token: str | None, allowed_hosts: str | None,
+          insecure_no_auth: bool) -> None:
     """Serve the UI and API over an existing store, read-only (no profiling, no ingest)."""
     import signal as _signal
     import threading as _threading
 
+    from agent.httpguard import parse_allowed_hosts
     from agent.ui import ReadOnlyAgent
 
-    agent = ReadOnlyAgent(store, listen=listen, auth_token=auth_token).start()
+    agent = ReadOnlyAgent(store, listen=listen, auth_token=_auth_token(auth_token),
+                          allowed_hosts=parse_allowed_hosts(allowed_hosts),
+                          insecure_no_auth=insecure_no_auth).start()
     click.echo(f"spanflame: serving {store} read-only on {agent.url}", err=True)
     done = _threading.Event()
     _signal.signal(_signal.SIGTERM, lambda *a: done.set())

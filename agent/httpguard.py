@@ -4,8 +4,10 @@ the start-up check of where they listen.
 * **Exposure.** Listening on anything but loopback without a token is refused unless the user
   says `--insecure-no-auth`; an empty or malformed token is an error, never "no auth".
 * **Token.** With a token, every route but the page shells, their assets, /healthz and /metrics
-  wants `Authorization: Bearer <token>`. Only in that header: a token in a URL ends up in logs
-  and Referer headers. (The UI takes `?token=` once, in its script, and keeps it in the tab.)
+  wants `Authorization: Bearer <token>`. On ingest routes only in that header (`?token=` there
+  is a 400): clients are programs, and a token in a URL ends up in logs. A GET may carry
+  `?token=`: the UI takes it once in its script, keeps it in the tab, and puts it in download
+  links (a link cannot carry a header).
 * **Host.** The Host header must be a loopback name, an IP address or a configured name
   (`--allowed-hosts`): a page on a DNS name that an attacker rebinds to 127.0.0.1 sends its
   own name, so it cannot read the agent's API (DNS rebinding).
@@ -24,7 +26,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, QueryParams
 from starlette.responses import PlainTextResponse
 
 from agent.errors import UsageError
@@ -150,16 +152,25 @@ class RequestGuard:
                 f"Host {host[:100]!r} is not a name of this agent: use its IP address or "
                 f"localhost, or add the name to --allowed-hosts (SPANFLAME_ALLOWED_HOSTS)\n",
                 status_code=403)
+        ingest = path in INGEST_PATHS
+        query = QueryParams(scope.get("query_string", b""))
+        if ingest and "token" in query:
+            return PlainTextResponse("a token in the URL of an ingest route is refused (URLs end "
+                                     "up in logs): send it as `Authorization: Bearer <token>`\n",
+                                     status_code=400)
         authed = False
         if self._token is not None:
             auth = headers.get("authorization", "")
-            given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            if auth[:7].lower() == "bearer ":
+                given = auth[7:].strip()
+            else:  # a link the UI made (a download): GET only, never ingest
+                given = query.get("token", "") if scope.get("method") == "GET" else ""
             authed = hmac.compare_digest(given.encode(), self._token)
             if not authed and not public_path(path):
                 return PlainTextResponse("missing or wrong bearer token (send it in the "
                                          "Authorization header)\n", status_code=401,
                                          headers={"www-authenticate": "Bearer"})
-        if path in INGEST_PATHS and scope.get("method") == "POST" and not authed:
+        if ingest and scope.get("method") == "POST" and not authed:
             ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
             if not ctype or ctype in SIMPLE_TYPES:
                 return PlainTextResponse(

@@ -122,8 +122,11 @@ class SenderCheck:
     def __init__(self, metrics=None, proc: str = "/proc") -> None:
         self.proc = proc
         self.own_netns = _ns("self", "net", proc)
+        # /proc/1/ns may be unreadable even to root (seen here): then our own is the host's.
         self.host_netns = _ns(1, "net", proc) or self.own_netns
-        self.host_pidns = _ns(1, "pid", proc)
+        # Process ids are in our PID namespace (what /proc shows us and pidns.to_host maps to):
+        # a sender in that one is a "host" process, not a container.
+        self.host_pidns = _ns("self", "pid", proc)
         self._lock = threading.Lock()
         self._owners: dict[int, int] = {}        # socket inode -> owner pid
         self._where: dict[str, int] = {}         # peer ip -> netns inode it was last found in

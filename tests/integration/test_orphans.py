@@ -50,8 +50,8 @@ def kill9_leaves_nothing(cmd: list[str], pid: int, tmp: Path, log: Path) -> None
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        assert wait_for(lambda: pyspy_of(pid), 60), log.read_text()[-3000:]
-        assert scratch(tmp), "py-spy's scratch directory is where TMPDIR says"
+        # Both at once (`run` starts a new recorder, with a new directory, every window).
+        assert wait_for(lambda: pyspy_of(pid) and scratch(tmp), 60), log.read_text()[-3000:]
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         gone = wait_for(lambda: not pyspy_of(pid), 5)

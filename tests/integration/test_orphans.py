@@ -3,32 +3,52 @@ scratch directory behind (agent/children.py: parent-death signal, cleaner, stale
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import pytest
 
 from agent.children import remove_stale, scratch_dir
-from tests.support import PROGRAMS, SPANFLAME, target
+from tests.support import PROGRAMS, SPANFLAME
 
 pytestmark = [pytest.mark.integration]
 
 PREFIX = "spanflame-pyspy-"
 
 
-def pyspy_of(pid: int) -> list[psutil.Process]:
-    """Every py-spy process on the machine sampling `pid`."""
+def pyspy_of(pid: int, parent: int) -> list[psutil.Process]:
+    """The py-spy processes started by `parent` that sample `pid` (other agents on this machine
+    may sample it too)."""
     out = []
-    for p in psutil.process_iter(["name", "cmdline"]):
+    for p in psutil.process_iter(["name", "cmdline", "ppid"]):
         cmd = p.info["cmdline"] or []
-        if "py-spy" in (p.info["name"] or "") and "--pid" in cmd \
+        if "py-spy" in (p.info["name"] or "") and p.info["ppid"] == parent and "--pid" in cmd \
                 and cmd[cmd.index("--pid") + 1:][:1] == [str(pid)]:
             out.append(p)
+    return out
+
+
+def pyspy_writing_to(tmp: Path) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["name", "cmdline"])
+            if "py-spy" in (p.info["name"] or "") and str(tmp) in " ".join(p.info["cmdline"] or [])]
+
+
+def running(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
     return out
 
 
@@ -51,40 +71,58 @@ def kill9_leaves_nothing(cmd: list[str], pid: int, tmp: Path, log: Path) -> None
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         # Both at once (`run` starts a new recorder, with a new directory, every window).
-        assert wait_for(lambda: pyspy_of(pid) and scratch(tmp), 60), log.read_text()[-3000:]
+        assert wait_for(lambda: pyspy_of(pid, proc.pid) and scratch(tmp), 60), \
+            log.read_text()[-3000:]
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        gone = wait_for(lambda: not pyspy_of(pid), 5)
+        # Ours write under our TMPDIR (their --output), whoever their parent is now.
+        gone = wait_for(lambda: not running(pyspy_writing_to(tmp)), 5)
         assert gone, f"py-spy still sampling {pid} 5 s after kill -9 of its parent"
         assert wait_for(lambda: not scratch(tmp), 5), scratch(tmp)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for p in pyspy_of(pid):
+        for p in running(pyspy_writing_to(tmp)):
             p.kill()
+
+
+@contextmanager
+def private_target(tmp_path: Path):
+    """tests/programs/idle.py under another name: other agents running on this machine (they
+    profile tests/programs/) leave it alone."""
+    prog = tmp_path / "orphan_target.py"
+    shutil.copy(PROGRAMS / "idle.py", prog)
+    proc = subprocess.Popen([sys.executable, str(prog)], stdout=subprocess.PIPE, text=True)
+    try:
+        json.loads(proc.stdout.readline())
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 def test_kill_9_of_attach_with_py_spy_leaves_no_py_spy_and_no_scratch_dir(tmp_path):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    with target("idle") as t:
+    with private_target(tmp_path) as t:
         kill9_leaves_nothing(
             [str(SPANFLAME), "attach", str(t.pid), "--sampler", "py-spy", "--duration", "120",
              "-o", str(tmp_path / "out.pb.gz")], t.pid, tmp, tmp_path / "attach.log")
-        assert t.proc.poll() is None, "the target itself lives on"
+        assert t.poll() is None, "the target itself lives on"
 
 
 def test_kill_9_of_run_with_py_spy_leaves_no_py_spy_and_no_scratch_dir(tmp_path):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    with target("idle") as t:
+    with private_target(tmp_path) as t:
         kill9_leaves_nothing(
             [str(SPANFLAME), "run", "--store", str(tmp_path / "store"), "--listen",
              "127.0.0.1:0", "--otlp-listen", "127.0.0.1:0", "--sampler", "py-spy",
-             "--probes", "cpu", "--include", "tests/programs/idle", "--cpu-budget", "50",
+             "--probes", "cpu", "--include", "orphan_target", "--cpu-budget", "50",
              "--window", "5"], t.pid, tmp, tmp_path / "run.log")
-        assert t.proc.poll() is None
+        assert t.poll() is None
 
 
 def test_a_dead_owners_scratch_dir_is_swept_and_a_live_ones_kept(tmp_path):

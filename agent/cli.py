@@ -63,12 +63,20 @@ def cli(verbose: bool) -> None:
 @click.option("--spans-output", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help="With --otlp-listen: write each span's time breakdown (CPU, lock, IO, net, "
                    "other, unaccounted) and dominant cause as JSON.")
+@click.option("--insecure-no-auth", is_flag=True,
+              help="Allow --otlp-listen beyond loopback (attach has no token: anyone reaching "
+                   "it can send spans).")
 def attach(pid: int, duration: float, rate: int, sampler: str, output: str | None, probes: str,
            offcpu_threshold: float, otlp_listen: str | None, span_wait: float,
-           gil_only: bool, spans_output: str | None) -> None:
+           gil_only: bool, spans_output: str | None, insecure_no_auth: bool) -> None:
     """Profile the running Python process PID."""
     from agent.attach import AttachOptions, attach as run_attach, parse_probes
     from agent.output import check_writable, write_profile
+
+    if otlp_listen:
+        from agent.httpguard import check_exposure
+        from agent.httpserver import parse_listen
+        check_exposure([parse_listen(otlp_listen)], None, insecure_no_auth)
 
     options = AttachOptions(pid=pid, duration_s=duration, rate_hz=rate,
                             probes=parse_probes(probes),
@@ -385,7 +393,12 @@ def serve(store: str, listen: str, auth_token: str | None, allowed_hosts: str | 
     from agent.httpguard import parse_allowed_hosts
     from agent.ui import ReadOnlyAgent
 
-    agent = ReadOnlyAgent(store, listen=listen, auth_token=_auth_token(auth_token),
+    from agent.httpguard import check_exposure
+    from agent.httpserver import parse_listen
+
+    token = _auth_token(auth_token)
+    check_exposure([parse_listen(listen)], token, insecure_no_auth)  # before opening the store
+    agent = ReadOnlyAgent(store, listen=listen, auth_token=token,
                           allowed_hosts=parse_allowed_hosts(allowed_hosts),
                           insecure_no_auth=insecure_no_auth).start()
     click.echo(f"spanflame: serving {store} read-only on {agent.url}", err=True)

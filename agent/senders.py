@@ -43,6 +43,10 @@ RESCAN_S = 1.0
 OWNER_SCANS_PER_S = 20
 _TCP_LISTEN = "0A"
 _CACHE_MAX = 4096
+#: A connection's sender and its verdicts per named pid are kept this long, in seconds (an
+#: exporter's keep-alive connection sends batch after batch: /proc is read once per connection
+#: and period, not per batch).
+VERDICT_TTL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,7 @@ class SenderCheck:
         self.host_pidns = _ns("self", "pid", proc)
         self._lock = threading.Lock()
         self._owners: dict[int, int] = {}        # socket inode -> owner pid
+        self._verdicts: dict = {}                # peer -> (when, Sender, {pid: may name})
         self._where: dict[str, int] = {}         # peer ip -> netns inode it was last found in
         self._reps: dict[int, int] = {}          # netns inode -> one pid in it
         self._reps_at = -RESCAN_S
@@ -286,12 +291,27 @@ class SenderCheck:
         named = {s.pid for s in spans if s.pid}
         if not named:
             return spans
-        sender = self.sender(peer)
+        now = time.monotonic()
+        key = (peer[0], peer[1]) if peer else None
+        with self._lock:
+            hit = self._verdicts.get(key)
+            if hit is None or now - hit[0] > VERDICT_TTL_S:
+                hit = None
+        if hit is None:
+            sender = self.sender(peer)
+            hit = (now, sender, {})
+            with self._lock:
+                if len(self._verdicts) >= _CACHE_MAX:
+                    self._verdicts.clear()
+                self._verdicts[key] = hit
+        _at, sender, verdicts = hit
         if sender is None:
             self.unknown += 1
             if self._m_unknown is not None:
                 self._m_unknown.inc()
-        ok = {pid for pid in named if self.may_name(sender, pid)}
+        for pid in named - verdicts.keys():
+            verdicts[pid] = self.may_name(sender, pid)
+        ok = {pid for pid in named if verdicts[pid]}
         if ok == named:
             return spans
         out = []

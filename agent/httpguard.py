@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
 import socket
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.responses import PlainTextResponse
 
 from agent.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 #: What a browser sends cross-origin without a preflight (besides no Content-Type at all).
 SIMPLE_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded",
@@ -78,6 +81,9 @@ def is_loopback_host(host: str) -> bool:
 def check_exposure(listens: list[tuple[str, int]], token: str | None, insecure: bool) -> None:
     """UsageError when a server would listen beyond loopback with no token, unless `insecure`."""
     exposed = [f"{h}:{p}" for h, p in listens if not is_loopback_host(h)]
+    if exposed and token is None and insecure:
+        log.warning("listening on %s without an auth token (--insecure-no-auth): anyone who "
+                    "reaches it can read profiles and write data", ", ".join(exposed))
     if exposed and token is None and not insecure:
         raise UsageError(
             f"refusing to listen on {', '.join(exposed)} without an auth token: anyone who "

@@ -108,7 +108,7 @@ def _profile(pid: int, command: list[str] | None, duration: float, rate: int, sa
     if otlp_listen:
         from agent.httpguard import check_exposure
         from agent.httpserver import parse_listen
-        check_exposure([parse_listen(otlp_listen)], None, insecure_no_auth)
+        check_exposure([parse_listen(otlp_listen)], None, insecure_no_auth, can_have_token=False)
 
     options = AttachOptions(pid=pid, duration_s=duration, rate_hz=rate,
                             probes=parse_probes(probes),

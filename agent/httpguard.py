@@ -78,8 +78,10 @@ def is_loopback_host(host: str) -> bool:
                                for i in infos)
 
 
-def check_exposure(listens: list[tuple[str, int]], token: str | None, insecure: bool) -> None:
-    """UsageError when a server would listen beyond loopback with no token, unless `insecure`."""
+def check_exposure(listens: list[tuple[str, int]], token: str | None, insecure: bool,
+                   can_have_token: bool = True) -> None:
+    """UsageError when a server would listen beyond loopback with no token, unless `insecure`.
+    `can_have_token`: whether the command has --auth-token (attach and record do not)."""
     exposed = [f"{h}:{p}" for h, p in listens if not is_loopback_host(h)]
     if exposed and token is None and insecure:
         log.warning("listening on %s without an auth token (--insecure-no-auth): anyone who "
@@ -87,8 +89,9 @@ def check_exposure(listens: list[tuple[str, int]], token: str | None, insecure: 
     if exposed and token is None and not insecure:
         raise UsageError(
             f"refusing to listen on {', '.join(exposed)} without an auth token: anyone who "
-            f"reaches that address could read profiles and write data. Set --auth-token (or "
-            f"SPANFLAME_AUTH_TOKEN), listen on 127.0.0.1, or pass --insecure-no-auth")
+            f"reaches that address could read profiles and write data. "
+            + ("Set --auth-token (or SPANFLAME_AUTH_TOKEN), listen" if can_have_token
+               else "Listen") + " on 127.0.0.1, or pass --insecure-no-auth")
 
 
 def parse_allowed_hosts(text: str | None) -> tuple[str, ...]:

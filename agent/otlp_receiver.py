@@ -132,12 +132,15 @@ class OtlpReceiver:
 
     def __init__(self, store: SpanStore, *, forwarder=None, metrics=None,
                  max_body: int = MAX_BODY, max_decoded: int = MAX_DECODED,
-                 pidns=None, sink=None, max_inflight: int = 8, decoders: int = 2) -> None:
+                 pidns=None, sink=None, max_inflight: int = 8, decoders: int = 2,
+                 sender_check=None) -> None:
         from agent.pidns import PidNamespaces
 
         self.store = store
         #: ids from an app's own PID namespace to the host's (agent/pidns.py)
         self.pidns = pidns if pidns is not None else PidNamespaces()
+        #: (request.client, spans) -> spans: drops ids the sender may not name (agent/senders.py)
+        self.sender_check = sender_check
         self.forwarder = forwarder
         self.metrics = metrics
         self.max_body = max_body
@@ -182,6 +185,9 @@ class OtlpReceiver:
             loop = asyncio.get_running_loop()
             spans, rejected = await loop.run_in_executor(self._pool, self._decode, body,
                                                          encoding, ctype)
+            if self.sender_check is not None:  # reads /proc: off the event loop
+                spans = await loop.run_in_executor(self._pool, self.sender_check,
+                                                   request.client, spans)
             if self.sink is not None:
                 from agent.spanwriter import Overloaded
                 try:

@@ -67,6 +67,10 @@ class RunOptions:
     export_token: str | None = None
     otlp_forward: str | None = None
     auth_token: str | None = None
+    #: Host header names accepted besides loopback names and IPs (agent/httpguard.py)
+    allowed_hosts: tuple[str, ...] = ()
+    #: listen beyond loopback without a token
+    insecure_no_auth: bool = False
     node: str = field(default_factory=lambda: os.environ.get("SPANFLAME_NODE") or socket.gethostname())
     retention_hours: float = 72.0
     retention_bytes: int = 10 << 30
@@ -335,8 +339,15 @@ class Agent:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> "Agent":
+        from agent.httpguard import check_exposure, check_token
+        from agent.httpserver import parse_listen
+        from agent.senders import SenderCheck
         from agent.server import build_apps
 
+        # Before anything is loaded: a refusal is one line, at once.
+        check_exposure([parse_listen(self.opts.listen), parse_listen(self.opts.otlp_listen)],
+                       check_token(self.opts.auth_token), self.opts.insecure_no_auth)
+        self.sender_check = SenderCheck(metrics=self.metrics)
         self.started_ns = time.time_ns()
         from agent.kernelsource import KernelWindows
 

@@ -2,26 +2,26 @@
 OTLP receiver (on its own port unless both share one) and the web UI.
 
 Every handler that touches the store runs in a worker thread (the store is synchronous).
-Bad parameters get a 400 with a reason; with --auth-token every route but /healthz wants
-`Authorization: Bearer <token>` (or, for browsers following a link, `?token=`).
+Bad parameters get a 400 with a reason. Who may call which route (token, Host header, what a
+web page may send) is agent/httpguard.py, one middleware in front of both apps; which processes
+an OTLP sender may name in its spans is agent/senders.py.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from agent import pprof
 from agent.errors import StoreFull
+from agent.httpguard import Policy, RequestGuard
 from agent.model import SAMPLE_TYPES, Profile
 from agent.otlp_receiver import OtlpReceiver
 from agent.pyroscope_ingest import PyroscopeIngest
@@ -188,16 +188,16 @@ def build_apps(agent) -> tuple[Starlette, Starlette]:
         Route("/api/services", api_services),
     ]
     routes += ui_routes(agent)
-    middleware = []
-    if agent.opts.auth_token:
-        middleware.append(Middleware(TokenAuth, token=agent.opts.auth_token))
+    middleware = [Middleware(RequestGuard, policy=Policy.from_options(agent.opts))]
     if read_only:  # `spanflame serve`: no ingest, no OTLP
         return Starlette(routes=routes, middleware=middleware,
                          exception_handlers=EXCEPTION_HANDLERS), None
     ingest = PyroscopeIngest(agent.ingest, metrics=m,
                              retention_s=agent.store.retention_s)
+    senders = getattr(agent, "sender_check", None)  # agent/senders.py
     otlp = OtlpReceiver(agent.spans, forwarder=agent.forwarder, metrics=m,
-                        sink=agent.span_writer.submit)
+                        sink=agent.span_writer.submit,
+                        sender_check=senders.check if senders is not None else None)
     routes += ingest.routes()
     shared = agent.opts.listen == agent.opts.otlp_listen
     if shared:
@@ -218,24 +218,3 @@ def _span_json(r: dict) -> dict:
     out["breakdown"] = r.get("breakdown")
     return out
 
-
-#: Paths served without the bearer token: the shell and its assets carry no data.
-def public_path(path: str) -> bool:
-    return (path in ("/", "/explore", "/spans", "/flamegraph", "/healthz")
-            or path.startswith("/static/") or path.startswith("/trace/"))
-
-
-class TokenAuth(BaseHTTPMiddleware):
-    def __init__(self, app, token: str) -> None:
-        super().__init__(app)
-        self.token = token.encode()
-
-    async def dispatch(self, request: Request, call_next):
-        if public_path(request.url.path):
-            return await call_next(request)
-        auth = request.headers.get("authorization", "")
-        given = auth[7:] if auth.lower().startswith("bearer ") else request.query_params.get("token", "")
-        if not hmac.compare_digest(given.encode(), self.token):
-            return PlainTextResponse("missing or wrong bearer token\n", status_code=401,
-                                     headers={"www-authenticate": "Bearer"})
-        return await call_next(request)

@@ -448,14 +448,17 @@ class ReadOnlyAgent:
     read_only = True
 
     def __init__(self, store: str, *, listen: str = "127.0.0.1:4040",
-                 auth_token: str | None = None) -> None:
+                 auth_token: str | None = None, allowed_hosts: tuple[str, ...] = (),
+                 insecure_no_auth: bool = False) -> None:
         from types import SimpleNamespace
 
         from agent.metrics import Metrics
         from agent.store import Store
 
         self.store = Store(store, read_only=True)
-        self.opts = SimpleNamespace(listen=listen, otlp_listen=None, auth_token=auth_token)
+        self.opts = SimpleNamespace(listen=listen, otlp_listen=None, auth_token=auth_token,
+                                    allowed_hosts=allowed_hosts,
+                                    insecure_no_auth=insecure_no_auth)
         self.metrics = Metrics()
         self.spans = None
         self.server = None
@@ -464,8 +467,12 @@ class ReadOnlyAgent:
         from agent.httpserver import ServerThread, parse_listen
         from agent.server import build_apps
 
-        app, _ = build_apps(self)
+        from agent.httpguard import check_exposure, check_token
+
         host, port = parse_listen(self.opts.listen)
+        check_exposure([(host, port)], check_token(self.opts.auth_token),
+                       self.opts.insecure_no_auth)
+        app, _ = build_apps(self)
         self.server = ServerThread(app, host, port, name="http").start()
         return self
 

@@ -24,6 +24,8 @@ pytestmark = [pytest.mark.integration]
 
 PYRO08 = ROOT / ".venv" / "pyroscope08" / "bin" / "python"
 FIXTURES = ROOT / "tests" / "fixtures"
+#: Ingest without the token needs a type no web page can send cross-site (agent/httpguard.py).
+OCTETS = {"content-type": "application/octet-stream"}
 
 
 def free_port() -> int:
@@ -198,10 +200,13 @@ def test_pyroscope_08_client_is_accepted(world):
      413, "limit"),
     ("/push.v1.PusherService/Push", {"content-type": "application/proto",
                                      "content-encoding": "gzip"}, b"not gzip", 400, "gzip"),
-    ("/ingest?name=app&format=pprof", {}, b"not a profile", 400, "pprof"),
-    ("/ingest?format=pprof", {}, b"", 400, "name"),
-    ("/ingest?name=app&format=jfr", {}, b"x", 400, "format"),
-    ("/ingest?name=app&from=abc", {}, b"a;b 1", 400, "numbers"),
+    ("/ingest?name=app&format=pprof", OCTETS, b"not a profile", 400, "pprof"),
+    ("/ingest?format=pprof", OCTETS, b"", 400, "name"),
+    ("/ingest?name=app&format=jfr", OCTETS, b"x", 400, "format"),
+    ("/ingest?name=app&from=abc", OCTETS, b"a;b 1", 400, "numbers"),
+    ("/ingest?name=app&format=folded", {}, b"a;b 1", 415, "cross-site"),  # what a web page sends
+    ("/ingest?name=app&format=folded", {"content-type": "text/plain"}, b"a;b 1", 415,
+     "cross-site"),
 ])
 def test_bad_ingest_gets_a_4xx_with_a_reason_and_the_agent_keeps_serving(
         world, path, headers, body, status, reason):

@@ -17,8 +17,9 @@ import time
 from collections import Counter
 
 from agent.model import Frame, Stack
-from probes.records import (PY_ERRORS, Bucket, IoRequest, NetBytes, NetEvent, ProbeData, Run,
-                            Sample, ShortWaits)
+from probes.columns import (ProcessRecords, RunCols, SampleCols, ShortCols, WindowData,
+                            run_records, sample_records, short_records)
+from probes.records import PY_ERRORS, Bucket, IoRequest, NetBytes, NetEvent, ProbeData, Run
 
 HDR = struct.Struct("<HHIIiQQQQQQIIHBBIQ")
 FRAME = struct.Struct("<QII")
@@ -43,6 +44,7 @@ _OWN_PREFIXES = ("bpf_", "__bpf_", "__traceiter_", "trace_call_bpf", "perf_trace
                  "__perf_sw_event", "___perf_sw_event")
 MAX_STACKS_PER_PROCESS = 50_000
 TRUNCATED = Frame("[truncated]")
+_EMPTY = ((), ())
 UNKNOWN_CODE = Frame("[unknown code object]")
 
 
@@ -68,7 +70,7 @@ class Decoder:
     def __init__(self, bpf, clock: Clock) -> None:
         self.bpf = bpf
         self.clock = clock
-        self.by_tgid: dict[int, ProbeData] = {}
+        self.by_tgid: dict[int, ProcessRecords] = {}
         self.gil_ranges: dict[int, tuple[int, int]] = {}
         self.dropped = 0
         self.py_errors: Counter[str] = Counter()
@@ -88,12 +90,21 @@ class Decoder:
             old.close()
         self._symbolizers[proc.pid] = Symbolizer(proc)
         self._stacks[proc.pid] = {}
+        self._forget_stack_keys(proc.pid)
 
     def remove_process(self, pid: int) -> None:
         sym = self._symbolizers.pop(pid, None)
         if sym is not None:
             sym.close()
         self._stacks.pop(pid, None)
+        self._forget_stack_keys(pid)
+
+    def _forget_stack_keys(self, pid: int) -> None:
+        """Raw stacks of `pid` mean other code from now on (a new process, or none): symbolise
+        them again when next seen."""
+        pr = self.by_tgid.get(pid)
+        if pr is not None:
+            pr.stacks.by_key.clear()
 
     def close(self) -> None:
         for sym in self._symbolizers.values():
@@ -105,84 +116,132 @@ class Decoder:
         if frames:
             self._seeds[(tid, mono_ns)] = frames
 
-    def per(self, tgid: int) -> ProbeData:
-        pd = self.by_tgid.get(tgid)
-        if pd is None:
-            pd = self.by_tgid[tgid] = ProbeData()
-        return pd
+    def per(self, tgid: int) -> ProcessRecords:
+        pr = self.by_tgid.get(tgid)
+        if pr is None:
+            pr = self.by_tgid[tgid] = ProcessRecords(tgid)
+        return pr
 
     # -- records --------------------------------------------------------------------------------
     def decode(self, raw: list[bytes], raw_net: list[bytes], also: ProbeData | None) -> None:
-        """Decode ring buffer records into per-process ProbeData (and into `also`, if given)."""
+        """Decode ring buffer records into per-process columns (and into `also`, if given, as
+        NamedTuple records).
+
+        The hot records (CPU samples, waits, short waits) become one row of integers each, their
+        stacks one index into the process's stack table: a stack is symbolised the first time
+        its raw bytes are seen."""
         off = self.clock.offset_ns
-        kstack, pystack, per = self._kstack, self._pystack, self.per
-        unpack = HDR.unpack_from
+        unpack, hs = HDR.unpack_from, HDR.size
+        errors = self.py_errors
+        batches: dict[int, tuple[list, list, list]] = {}
+        procs = self.by_tgid
+        last_tgid, pr, sids, rows = -1, None, None, None
         for rec in raw:
-            if len(rec) < HDR.size:
+            if len(rec) < hs:
                 self.dropped += 1
                 continue
             (kind, nr, tgid, tid, ks, t0, t1, value, aux, rs, so, state, count, depth, trunc,
              err, _h, task) = unpack(rec)
-            pd = per(tgid)
-            py = pystack(tgid, rec, depth, trunc, err)
-            if kind == EV_SAMPLE:
-                x = Sample(tgid, tid, t0 + off, value, kstack(ks), py, task)
-                pd.samples.append(x)
-                if also is not None:
-                    also.samples.append(x)
-            elif kind == EV_WAIT:
-                k = kstack(ks) if ks >= 0 else self._seeds.pop((tid, t0), ())
-                x = Run(tgid, tid, rs + off if rs else None, t0 + off, t1 + off, so, state, k,
-                        aux if nr == NR_FUTEX else 0, py, _nr(nr), aux, task)
-                pd.runs.append(x)
-                if also is not None:
-                    also.runs.append(x)
-            elif kind == EV_WAIT_AGG:
-                x = ShortWaits(tgid, tid, t0 + off, t1 + off, value, count, state, kstack(ks),
-                               aux if nr == NR_FUTEX else 0, py, _nr(nr), aux, task)
-                pd.short_waits.append(x)
-                if also is not None:
-                    also.short_waits.append(x)
+            if tgid != last_tgid:
+                pr = procs.get(tgid)
+                if pr is None:
+                    pr = procs[tgid] = ProcessRecords(tgid)
+                sids = pr.stacks.by_key
+                rows = batches.get(tgid)
+                if rows is None:
+                    rows = batches[tgid] = ([], [], [])
+                last_tgid = tgid
+            if err > 1 and not depth:  # (a partial stack's error: once per distinct stack)
+                errors[PY_ERRORS.get(err, str(err))] += 1
+            if kind <= EV_WAIT_AGG:
+                if kind == EV_WAIT and ks < 0:  # a stack read from /proc when we attached
+                    sid = self._sid(pr, tgid, rec, ks, depth, trunc, err,
+                                    self._seeds.pop((tid, t0), ()))
+                else:
+                    # the stack id, the walk's depth, truncation and error, and the frames
+                    key = rec[12:16] + rec[72:76] + rec[hs:hs + 24 * depth]
+                    sid = sids.get(key)
+                    if sid is None:
+                        sid = self._sid(pr, tgid, rec, ks, depth, trunc, err, None, key)
+                if kind == EV_SAMPLE:
+                    rows[0].append((t0 + off, tid, value, sid, task))
+                elif kind == EV_WAIT:
+                    rows[1].append((t1 + off, rs + off if rs else t0 + off, tid,
+                                    rs + off if rs else 0, t0 + off, t1 + off, so, state, sid,
+                                    -1 if nr == NO_SYSCALL else nr, aux, task))
+                else:
+                    rows[2].append((t1 + off, t0 + off, tid, value, count, state, sid,
+                                    -1 if nr == NO_SYSCALL else nr, aux, task))
             elif kind == EV_EXIT:
-                x = Run(tgid, tid, rs + off if rs else None, t0 + off, None, so, 0, (), 0, ())
-                pd.runs.append(x)
-                if also is not None:
-                    also.runs.append(x)
+                sid = sids.get(_EMPTY)
+                if sid is None:
+                    sid = pr.stacks.add(_EMPTY, (), ())
+                rows[1].append((t0 + off, rs + off if rs else t0 + off, tid, rs + off if rs else 0,
+                                t0 + off, 0, so, 0, sid, -1, 0, 0))
             elif kind == EV_IO:
+                py = self._pystack(tgid, rec, depth, trunc, err, count=bool(depth))
                 rwbs = aux.to_bytes(8, "little").split(b"\0", 1)[0].decode("ascii", "replace")
                 op = ("discard" if "D" in rwbs else "write" if "W" in rwbs else
                       "read" if "R" in rwbs else "other")
                 x = IoRequest(tgid, tid, t0 + off, t0 + off, value,
                               f"{state >> 20}:{state & 0xFFFFF}", op, rwbs, py, task)
-                pd.io.append(x)
+                pr.rare.io.append(x)
                 if also is not None:
                     also.io.append(x)
             elif kind == EV_NET:
+                py = self._pystack(tgid, rec, depth, trunc, err, count=bool(depth))
                 x = NetBytes(tgid, tid, t0 + off, t1 + off, "send" if state == 1 else "recv",
                              value, py, task)
-                pd.net_bytes.append(x)
+                pr.rare.net_bytes.append(x)
                 if also is not None:
                     also.net_bytes.append(x)
             elif kind == EV_THREAD:
-                pd.new_threads[tid] = t0 + off
+                pr.rare.new_threads[tid] = t0 + off
                 if also is not None:
                     also.new_threads[tid] = t0 + off
+        for tgid, (samples, runs, shorts) in batches.items():
+            pr = procs[tgid]
+            if also is not None:
+                st = pr.stacks.pairs
+                also.samples += sample_records(tgid, SampleCols(_cols(samples, 5)), st)
+                also.runs += run_records(tgid, RunCols(_cols(runs, 12)), st)
+                also.short_waits += short_records(tgid, ShortCols(_cols(shorts, 10)), st)
+            pr.samples.extend(samples)
+            pr.runs.extend(runs)
+            pr.short_waits.extend(shorts)
         for rec in raw_net:
             if len(rec) < _NET_FMT.size:
                 continue
             (tgid, tid, s, e, kind, dport, fam, addr) = _NET_FMT.unpack_from(rec)
             x = NetEvent(tgid, tid, s + off, e + off, _NET_EVENTS.get(kind, "?"), dport,
                          _addr(fam, addr))
-            per(tgid).net.append(x)
+            self.per(tgid).rare.net.append(x)
             if also is not None:
                 also.net.append(x)
+
+    def _sid(self, pr: ProcessRecords, tgid: int, rec: bytes, ks: int, depth: int, trunc: int,
+             err: int, seed: Stack | None, key: bytes | None = None) -> int:
+        """Intern the stacks of a record seen for the first time (or with a seeded kernel
+        stack): symbolise them and give them an index in the process's stack table."""
+        k = self._kstack(ks) if seed is None else seed
+        py = self._pystack(tgid, rec, depth, trunc, err, count=bool(depth))
+        st = pr.stacks
+        if key is None:
+            key = (k, py)
+            sid = st.by_key.get(key)
+            if sid is not None:
+                return sid
+        elif len(st.by_key) >= MAX_STACKS_PER_PROCESS:
+            # Forget the keys, not the pairs: kept records still point at them (prune compacts).
+            st.by_key.clear()
+        return st.add(key, k, py)
 
     def drain_buckets(self, table, also: ProbeData | None) -> None:
         real, width = self.clock.real, 10_000_000
         for k, v in table.items_lookup_and_delete_batch():
             bk = Bucket("net", k.tgid, k.tid, real(k.bucket * width), width,
                         _NET_KINDS.get(k.kind, "?"), v.value, v.count)
-            self.per(k.tgid).buckets.append(bk)
+            self.per(k.tgid).rare.buckets.append(bk)
             if also is not None:
                 also.buckets.append(bk)
 
@@ -204,11 +263,15 @@ class Decoder:
                    task)
 
     # -- stacks ---------------------------------------------------------------------------------
-    def _pystack(self, tgid: int, rec: bytes, depth: int, trunc: int, err: int) -> Stack:
+    def _pystack(self, tgid: int, rec: bytes, depth: int, trunc: int, err: int,
+                 count: bool = True) -> Stack:
+        """The Python stack of a record; `count`: add its walk error to the counters (decode
+        counts them itself, once per record)."""
         if not depth:
             if err == 0 or err == 1:  # no Python frame, or a process py-spy does
                 return ()
-            self.py_errors[PY_ERRORS.get(err, str(err))] += 1
+            if count:
+                self.py_errors[PY_ERRORS.get(err, str(err))] += 1
             if err == 3:
                 return (Frame("[no Python thread state]"),)
             return (Frame(f"[Python stack unreadable: {PY_ERRORS.get(err, err)}]"),)
@@ -232,7 +295,8 @@ class Decoder:
         if trunc:
             frames.append(TRUNCATED)
         if err:
-            self.py_errors[PY_ERRORS.get(err, str(err))] += 1
+            if count:
+                self.py_errors[PY_ERRORS.get(err, str(err))] += 1
             frames.append(Frame(f"[partial stack: {PY_ERRORS.get(err, err)}]"))
         out = tuple(frames)
         if len(cache) >= MAX_STACKS_PER_PROCESS:
@@ -265,38 +329,22 @@ class Decoder:
 
     # -- windows --------------------------------------------------------------------------------
     def window(self, pid: int, start_ns: int, end_ns: int) -> ProbeData:
-        d = self.by_tgid.get(pid) or ProbeData()
-        return ProbeData(
-            runs=[r for r in d.runs if (r.off_end_ns or r.run_end_ns) >= start_ns
-                  and (r.run_start_ns or r.run_end_ns) < end_ns],
-            samples=[s for s in d.samples if start_ns <= s.t_ns < end_ns],
-            short_waits=[w for w in d.short_waits if w.end_ns >= start_ns and w.start_ns < end_ns],
-            io=[x for x in d.io if start_ns <= x.start_ns < end_ns],
-            net=[x for x in d.net if x.end_ns >= start_ns and x.start_ns < end_ns],
-            net_bytes=[x for x in d.net_bytes if x.end_ns >= start_ns and x.start_ns < end_ns],
-            buckets=[b for b in d.buckets if b.start_ns + b.width_ns > start_ns
-                     and b.start_ns < end_ns],
-            new_threads={t: ns for t, ns in d.new_threads.items() if ns < end_ns},
-            start_ns=start_ns, end_ns=end_ns)
+        """The records of `pid` that touch [start_ns, end_ns) (a WindowData: columns, with
+        NamedTuple lists made on first use)."""
+        pr = self.by_tgid.get(pid)
+        if pr is None:
+            return WindowData(start_ns=start_ns, end_ns=end_ns)
+        return pr.window(start_ns, end_ns)
 
     def prune(self, before_ns: int, targets: set[int]) -> int:
         n = 0
         for tgid in list(self.by_tgid):
-            d = self.by_tgid[tgid]
-            n0 = (len(d.runs) + len(d.samples) + len(d.short_waits) + len(d.io) + len(d.net)
-                  + len(d.net_bytes) + len(d.buckets))
-            d.runs = [r for r in d.runs if (r.off_end_ns or r.run_end_ns) >= before_ns]
-            d.samples = [s for s in d.samples if s.t_ns >= before_ns]
-            d.short_waits = [w for w in d.short_waits if w.end_ns >= before_ns]
-            d.io = [x for x in d.io if x.end_ns >= before_ns]
-            d.net = [x for x in d.net if x.end_ns >= before_ns]
-            d.net_bytes = [x for x in d.net_bytes if x.end_ns >= before_ns]
-            d.buckets = [b for b in d.buckets if b.start_ns + b.width_ns >= before_ns]
-            d.new_threads = {t: ns for t, ns in d.new_threads.items() if ns >= before_ns}
-            n += n0 - (len(d.runs) + len(d.samples) + len(d.short_waits) + len(d.io)
-                       + len(d.net) + len(d.net_bytes) + len(d.buckets))
-            if tgid not in targets and not d.runs and not d.samples:
+            pr = self.by_tgid[tgid]
+            n += pr.prune(before_ns)
+            if tgid not in targets and pr.empty():
                 del self.by_tgid[tgid]
+            else:
+                pr.compact(2 * MAX_STACKS_PER_PROCESS)
         return n
 
     def counters(self) -> dict[str, int]:
@@ -307,6 +355,11 @@ class Decoder:
             for k in ("errors", "reused"):
                 out[f"symbolizer_{k}"] = out.get(f"symbolizer_{k}", 0) + getattr(sym, k, 0)
         return out
+
+
+def _cols(rows: list[tuple], n: int) -> list:
+    """Rows as n column lists."""
+    return [list(c) for c in zip(*rows)] if rows else [[] for _ in range(n)]
 
 
 def _addr(family: int, raw: bytes) -> str:

@@ -24,6 +24,7 @@ from agent.model import Frame, Labels, Profile, Stack, make_labels
 from agent.reasons import MARKER_FRAMES, MARKERS, REASONS, WAIT_TYPE, classify  # noqa: F401
 from agent.recordprofile import WaitSummary, add_records  # noqa: F401
 from agent.timeline import PiecewiseCpu, ThreadTimeline
+from probes.columns import hot
 from probes.records import ProbeData, Run
 
 _MARKER_FRAMES = MARKER_FRAMES
@@ -116,7 +117,13 @@ class RunsCpu:
             rate = max(0.0, min(1.0, (b - a - short_off) / (b - a)))
             per.setdefault(tid, []).append((a, b, rate))
 
-        for r in data.runs:
+        cols = hot(data, "runs", pid)
+        if cols is not None:  # a window's columns: all of `pid`
+            for (_e, _s, tid, a, b, oe, short_off, *_rest) in cols.rows():
+                add(tid, a or None, b, short_off)
+                if not oe:
+                    self._exit[tid] = b
+        for r in (data.runs if cols is None else ()):
             if r.tgid != pid:
                 continue
             add(r.tid, r.run_start_ns, r.run_end_ns, r.short_off_ns)

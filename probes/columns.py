@@ -274,6 +274,8 @@ class WindowData(ProbeData):
         return getattr(c, kind)
 
 
-def hot(data, kind: str) -> Columns | None:
-    """`data`'s columns of `kind` if it has them (a WindowData), else None."""
-    return data.hot(kind) if isinstance(data, WindowData) else None
+def hot(data, kind: str, pid: int) -> Columns | None:
+    """`data`'s columns of `kind` if it has them (a WindowData of `pid`), else None."""
+    if not isinstance(data, WindowData) or data.columns is None or data.columns.tgid != pid:
+        return None
+    return data.hot(kind)

@@ -32,6 +32,7 @@ class Columns:
 
     __slots__ = ("cols",)
     FIELDS: tuple[str, ...] = ()
+    KIND = ""
 
     def __init__(self, cols: list[array] | None = None) -> None:
         self.cols = cols if cols is not None else [array("q") for _ in self.FIELDS]
@@ -53,6 +54,23 @@ class Columns:
                 del c[i:]
         for c, vals in zip(self.cols, zip(*rows)):
             c.extend(vals)
+
+    def extend_columns(self, vals: list[list[int]], also: ProbeData | None = None,
+                       owner: "ProcessRecords | None" = None) -> None:
+        """Add rows given as columns (lists in FIELDS order); with `also`, add them to it as
+        NamedTuple records too (of `owner`'s process and stack table)."""
+        if also is not None:
+            getattr(also, self.KIND).extend(
+                _MAKE[self.KIND](owner.tgid, type(self)(vals), owner.stacks.pairs))
+        key = vals[0]
+        if not key:
+            return
+        last = self.cols[0]
+        if (not last or key[0] >= last[-1]) and key == sorted(key):
+            for c, v in zip(self.cols, vals):
+                c.extend(array("q", v))  # (faster than extending from a list)
+        else:
+            self.extend(list(zip(*vals)))
 
     def drop_before(self, t: int) -> int:
         """Forget the rows whose key is < t; returns how many."""
@@ -78,17 +96,20 @@ class Columns:
 
 
 class SampleCols(Columns):
+    KIND = "samples"
     FIELDS = ("t_ns", "tid", "period_ns", "sid", "task")
 
 
 class RunCols(Columns):
     """Waits and exits. `end` is off_end, or run_end for an exit (off_end 0); `start` is
     run_start, or run_end when the run start is unknown (run_start 0)."""
+    KIND = "runs"
     FIELDS = ("end", "start", "tid", "run_start_ns", "run_end_ns", "off_end_ns", "short_off_ns",
               "state", "sid", "syscall", "aux", "task")
 
 
 class ShortCols(Columns):
+    KIND = "short_waits"
     FIELDS = ("end_ns", "start_ns", "tid", "total_ns", "count", "state", "sid", "syscall", "aux",
               "task")
 

@@ -15,10 +15,11 @@ import socket
 import struct
 import time
 from collections import Counter
+from itertools import compress, groupby
+from operator import itemgetter
 
 from agent.model import Frame, Stack
-from probes.columns import (ProcessRecords, RunCols, SampleCols, ShortCols, WindowData,
-                            run_records, sample_records, short_records)
+from probes.columns import ProcessRecords, WindowData
 from probes.records import PY_ERRORS, Bucket, IoRequest, NetBytes, NetEvent, ProbeData, Run
 
 HDR = struct.Struct("<HHIIiQQQQQQIIHBBIQ")
@@ -45,6 +46,7 @@ _OWN_PREFIXES = ("bpf_", "__bpf_", "__traceiter_", "trace_call_bpf", "perf_trace
 MAX_STACKS_PER_PROCESS = 50_000
 TRUNCATED = Frame("[truncated]")
 _EMPTY = ((), ())
+_TGID_BYTES = itemgetter(slice(4, 8))
 UNKNOWN_CODE = Frame("[unknown code object]")
 
 
@@ -127,58 +129,113 @@ class Decoder:
         """Decode ring buffer records into per-process columns (and into `also`, if given, as
         NamedTuple records).
 
-        The hot records (CPU samples, waits, short waits) become one row of integers each, their
-        stacks one index into the process's stack table: a stack is symbolised the first time
-        its raw bytes are seen."""
+        In bulk: the records are grouped by process, their fixed headers joined and read column
+        by column through memoryview casts; the hot records (CPU samples, waits, short waits)
+        become rows of integers, their stacks one index into the process's stack table (a stack
+        is symbolised the first time its raw bytes are seen)."""
+        hs = HDR.size
+        if raw and min(map(len, raw)) < hs:
+            n = len(raw)
+            raw = [r for r in raw if len(r) >= hs]
+            self.dropped += n - len(raw)
+        if raw:
+            raw.sort(key=_TGID_BYTES)  # stable: arrival order within a process
+            i = 0
+            for tg, group in groupby(map(_TGID_BYTES, raw)):
+                n = len(list(group))
+                self._decode_process(int.from_bytes(tg, "little"), raw[i:i + n], also)
+                i += n
         off = self.clock.offset_ns
-        unpack, hs = HDR.unpack_from, HDR.size
-        errors = self.py_errors
-        batches: dict[int, tuple[list, list, list]] = {}
-        procs = self.by_tgid
-        last_tgid, pr, sids, rows = -1, None, None, None
-        for rec in raw:
-            if len(rec) < hs:
-                self.dropped += 1
+        for rec in raw_net:
+            if len(rec) < _NET_FMT.size:
                 continue
-            (kind, nr, tgid, tid, ks, t0, t1, value, aux, rs, so, state, count, depth, trunc,
-             err, _h, task) = unpack(rec)
-            if tgid != last_tgid:
-                pr = procs.get(tgid)
-                if pr is None:
-                    pr = procs[tgid] = ProcessRecords(tgid)
-                sids = pr.stacks.by_key
-                rows = batches.get(tgid)
-                if rows is None:
-                    rows = batches[tgid] = ([], [], [])
-                last_tgid = tgid
-            if err > 1 and not depth:  # (a partial stack's error: once per distinct stack)
-                errors[PY_ERRORS.get(err, str(err))] += 1
-            if kind <= EV_WAIT_AGG:
-                if kind == EV_WAIT and ks < 0:  # a stack read from /proc when we attached
-                    sid = self._sid(pr, tgid, rec, ks, depth, trunc, err,
-                                    self._seeds.pop((tid, t0), ()))
-                else:
-                    # the stack id, the walk's depth, truncation and error, and the frames
-                    key = rec[12:16] + rec[72:76] + rec[hs:hs + 24 * depth]
-                    sid = sids.get(key)
-                    if sid is None:
-                        sid = self._sid(pr, tgid, rec, ks, depth, trunc, err, None, key)
-                if kind == EV_SAMPLE:
-                    rows[0].append((t0 + off, tid, value, sid, task))
-                elif kind == EV_WAIT:
-                    rows[1].append((t1 + off, rs + off if rs else t0 + off, tid,
-                                    rs + off if rs else 0, t0 + off, t1 + off, so, state, sid,
-                                    -1 if nr == NO_SYSCALL else nr, aux, task))
-                else:
-                    rows[2].append((t1 + off, t0 + off, tid, value, count, state, sid,
-                                    -1 if nr == NO_SYSCALL else nr, aux, task))
-            elif kind == EV_EXIT:
-                sid = sids.get(_EMPTY)
+            (tgid, tid, s, e, kind, dport, fam, addr) = _NET_FMT.unpack_from(rec)
+            x = NetEvent(tgid, tid, s + off, e + off, _NET_EVENTS.get(kind, "?"), dport,
+                         _addr(fam, addr))
+            self.per(tgid).rare.net.append(x)
+            if also is not None:
+                also.net.append(x)
+
+    def _decode_process(self, tgid: int, recs: list[bytes], also: ProbeData | None) -> None:
+        pr = self.per(tgid)
+        off = self.clock.offset_ns
+        hs = HDR.size
+        mv = memoryview(b"".join([r[:hs] for r in recs]))
+        # The header as 16-, 32- and 64-bit words (its fields are aligned): column k of a
+        # W-word header is the slice [k::W].
+        h16, h32, h64 = mv.cast("H"), mv.cast("I"), mv.cast("Q")
+        kinds = h16[0::44].tolist()
+        errs = mv[75::88]
+        if max(errs) > 1:
+            for e, depth in zip(errs, h16[36::44]):
+                if e > 1 and not depth:  # (a partial stack's error: once per distinct stack)
+                    self.py_errors[PY_ERRORS.get(e, str(e))] += 1
+        present = set(kinds)
+        for kind in sorted(present):
+            mask = None if len(present) == 1 else list(map(kind.__eq__, kinds))
+
+            def col(c, mask=mask):
+                return c.tolist() if mask is None else list(compress(c, mask))
+
+            krecs = recs if mask is None else list(compress(recs, mask))
+            if kind > EV_EXIT:
+                self._decode_rare(pr, kind, krecs, also)
+                continue
+            tid = col(h32[2::22])
+            t0 = col(h64[2::11])
+            t0r = list(map(off.__add__, t0))
+            if kind == EV_EXIT:
+                sid = pr.stacks.by_key.get(_EMPTY)
                 if sid is None:
                     sid = pr.stacks.add(_EMPTY, (), ())
-                rows[1].append((t0 + off, rs + off if rs else t0 + off, tid, rs + off if rs else 0,
-                                t0 + off, 0, so, 0, sid, -1, 0, 0))
-            elif kind == EV_IO:
+                rs = [x + off if x else 0 for x in col(h64[6::11])]
+                n = len(t0r)
+                pr.runs.extend_columns([t0r, [a or b for a, b in zip(rs, t0r)], tid, rs, t0r,
+                                        [0] * n, col(h64[7::11]), [0] * n, [sid] * n, [-1] * n,
+                                        [0] * n, [0] * n], also, pr)
+                continue
+            sids = self._sids(pr, tgid, krecs)
+            task = col(h64[10::11])
+            if kind == EV_SAMPLE:
+                pr.samples.extend_columns([t0r, tid, col(h64[4::11]), sids, task], also, pr)
+                continue
+            t1r = list(map(off.__add__, col(h64[3::11])))
+            nr = [-1 if x == NO_SYSCALL else x for x in col(h16[1::44])]
+            if kind == EV_WAIT:
+                ks = col(mv.cast("i")[3::22])
+                if min(ks) < 0:  # stacks read from /proc when we attached
+                    for i, k in enumerate(ks):
+                        seed = self._seeds.pop((tid[i], t0[i]), None) if k < 0 else None
+                        if seed is not None:
+                            sids[i] = self._sid(pr, tgid, krecs[i], seed=seed)
+                rs = [x + off if x else 0 for x in col(h64[6::11])]
+                pr.runs.extend_columns([t1r, [a or b for a, b in zip(rs, t0r)], tid, rs, t0r, t1r,
+                                        col(h64[7::11]), col(h32[16::22]), sids, nr,
+                                        col(h64[5::11]), task], also, pr)
+            else:
+                pr.short_waits.extend_columns([t1r, t0r, tid, col(h64[4::11]), col(h32[17::22]),
+                                               col(h32[16::22]), sids, nr, col(h64[5::11]),
+                                               task], also, pr)
+
+    def _sids(self, pr: ProcessRecords, tgid: int, recs: list[bytes]) -> list[int]:
+        """The stack index of each record: the kernel stack id, the walk's depth, truncation
+        and error, and the frames are the key."""
+        by_key = pr.stacks.by_key
+        keys = [r[12:16] + r[72:76] + r[88:] for r in recs]
+        sids = list(map(by_key.get, keys))
+        if None in sids:
+            for i in [i for i, s in enumerate(sids) if s is None]:
+                sid = by_key.get(keys[i])  # (an earlier miss of this batch added it)
+                sids[i] = sid if sid is not None else self._sid(pr, tgid, recs[i], key=keys[i])
+        return sids
+
+    def _decode_rare(self, pr: ProcessRecords, kind: int, recs: list[bytes],
+                     also: ProbeData | None) -> None:
+        off = self.clock.offset_ns
+        for rec in recs:
+            (kind, nr, tgid, tid, ks, t0, t1, value, aux, rs, so, state, count, depth, trunc,
+             err, _h, task) = HDR.unpack_from(rec)
+            if kind == EV_IO:
                 py = self._pystack(tgid, rec, depth, trunc, err, count=bool(depth))
                 rwbs = aux.to_bytes(8, "little").split(b"\0", 1)[0].decode("ascii", "replace")
                 op = ("discard" if "D" in rwbs else "write" if "W" in rwbs else
@@ -199,30 +256,13 @@ class Decoder:
                 pr.rare.new_threads[tid] = t0 + off
                 if also is not None:
                     also.new_threads[tid] = t0 + off
-        for tgid, (samples, runs, shorts) in batches.items():
-            pr = procs[tgid]
-            if also is not None:
-                st = pr.stacks.pairs
-                also.samples += sample_records(tgid, SampleCols(_cols(samples, 5)), st)
-                also.runs += run_records(tgid, RunCols(_cols(runs, 12)), st)
-                also.short_waits += short_records(tgid, ShortCols(_cols(shorts, 10)), st)
-            pr.samples.extend(samples)
-            pr.runs.extend(runs)
-            pr.short_waits.extend(shorts)
-        for rec in raw_net:
-            if len(rec) < _NET_FMT.size:
-                continue
-            (tgid, tid, s, e, kind, dport, fam, addr) = _NET_FMT.unpack_from(rec)
-            x = NetEvent(tgid, tid, s + off, e + off, _NET_EVENTS.get(kind, "?"), dport,
-                         _addr(fam, addr))
-            self.per(tgid).rare.net.append(x)
-            if also is not None:
-                also.net.append(x)
 
-    def _sid(self, pr: ProcessRecords, tgid: int, rec: bytes, ks: int, depth: int, trunc: int,
-             err: int, seed: Stack | None, key: bytes | None = None) -> int:
+    def _sid(self, pr: ProcessRecords, tgid: int, rec: bytes, seed: Stack | None = None,
+             key: bytes | None = None) -> int:
         """Intern the stacks of a record seen for the first time (or with a seeded kernel
         stack): symbolise them and give them an index in the process's stack table."""
+        (_kind, _nr, _tgid, _tid, ks, _t0, _t1, _v, _aux, _rs, _so, _st, _c, depth, trunc, err,
+         _h, _task) = HDR.unpack_from(rec)
         k = self._kstack(ks) if seed is None else seed
         py = self._pystack(tgid, rec, depth, trunc, err, count=bool(depth))
         st = pr.stacks
@@ -355,11 +395,6 @@ class Decoder:
             for k in ("errors", "reused"):
                 out[f"symbolizer_{k}"] = out.get(f"symbolizer_{k}", 0) + getattr(sym, k, 0)
         return out
-
-
-def _cols(rows: list[tuple], n: int) -> list:
-    """Rows as n column lists."""
-    return [list(c) for c in zip(*rows)] if rows else [[] for _ in range(n)]
 
 
 def _addr(family: int, raw: bytes) -> str:

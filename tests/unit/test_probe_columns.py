@@ -130,6 +130,6 @@ def test_profiles_from_columns_match_profiles_from_records():
                 s = add_records(prof, pid, data, python_stack=kernel_python_stack,
                                 window=(lo, hi), cpu=cpu,
                                 linker=TraceLinker(store, 19, window=(lo - 1, hi + 1), tasks=True))
-                out.append((prof.samples, s, cpu and (cpu._iv, cpu._exit)))
+                out.append((prof.samples, s, cpu and [(t, cpu.runs(t), cpu.exit_ns(t), cpu.oncpu_ns(t, lo, hi)) for t in sorted(cpu.tids())]))
             assert out[0] == out[1]
             assert len(out[0][0]) > 100

@@ -163,7 +163,7 @@ class Decoder:
         mv = memoryview(b"".join([r[:hs] for r in recs]))
         # The header as 16-, 32- and 64-bit words (its fields are aligned): column k of a
         # W-word header is the slice [k::W].
-        h16, h32, h64 = mv.cast("H"), mv.cast("I"), mv.cast("Q")
+        h16, h32, h32s, h64 = mv.cast("H"), mv.cast("I"), mv.cast("i"), mv.cast("Q")
         kinds = h16[0::44].tolist()
         errs = mv[75::88]
         if max(errs) > 1:
@@ -194,7 +194,8 @@ class Decoder:
                                         [0] * n, col(h64[7::11]), [0] * n, [sid] * n, [-1] * n,
                                         [0] * n, [0] * n], also, pr)
                 continue
-            sids = self._sids(pr, tgid, krecs)
+            ks = col(h32s[3::22])
+            sids = self._sids(pr, tgid, krecs, ks, col(h32[18::22]))
             task = col(h64[10::11])
             if kind == EV_SAMPLE:
                 pr.samples.extend_columns([t0r, tid, col(h64[4::11]), sids, task], also, pr)
@@ -202,7 +203,6 @@ class Decoder:
             t1r = list(map(off.__add__, col(h64[3::11])))
             nr = [-1 if x == NO_SYSCALL else x for x in col(h16[1::44])]
             if kind == EV_WAIT:
-                ks = col(mv.cast("i")[3::22])
                 if min(ks) < 0:  # stacks read from /proc when we attached
                     for i, k in enumerate(ks):
                         seed = self._seeds.pop((tid[i], t0[i]), None) if k < 0 else None
@@ -217,11 +217,12 @@ class Decoder:
                                                col(h32[16::22]), sids, nr, col(h64[5::11]),
                                                task], also, pr)
 
-    def _sids(self, pr: ProcessRecords, tgid: int, recs: list[bytes]) -> list[int]:
+    def _sids(self, pr: ProcessRecords, tgid: int, recs: list[bytes], ks, walk) -> list[int]:
         """The stack index of each record: the kernel stack id, the walk's depth, truncation
         and error, and the frames are the key."""
         by_key = pr.stacks.by_key
-        keys = [r[12:16] + r[72:76] + r[88:] for r in recs]
+        hs = HDR.size
+        keys = list(zip(ks, walk, [r[hs:] for r in recs]))
         sids = list(map(by_key.get, keys))
         if None in sids:
             for i in [i for i, s in enumerate(sids) if s is None]:
@@ -326,7 +327,10 @@ class Decoder:
         if sym is None:
             return ()
         frames = []
-        for code, instr, check in FRAME.iter_unpack(key[:-2]):
+        raw_frames = key[:-2]
+        # (whole frames only: a record cut short must not cost the batch it came in)
+        for code, instr, check in FRAME.iter_unpack(raw_frames[:len(raw_frames) - len(raw_frames)
+                                                               % FRAME.size]):
             f = sym.frame(code, check, instr)
             if f is None:
                 self.unknown_code += 1

@@ -15,8 +15,6 @@ import socket
 import struct
 import time
 from collections import Counter
-from itertools import compress, groupby
-from operator import itemgetter
 
 from agent.model import Frame, Stack
 from probes.columns import ProcessRecords, WindowData
@@ -44,9 +42,10 @@ _OWN_PREFIXES = ("bpf_", "__bpf_", "__traceiter_", "trace_call_bpf", "perf_trace
                  "__perf_event_overflow", "perf_event_overflow", "perf_swevent_",
                  "__perf_sw_event", "___perf_sw_event")
 MAX_STACKS_PER_PROCESS = 50_000
+#: records decoded together at most this far apart (seconds), or once there are this many
+FLUSH_S = 1.0
+FLUSH_RECORDS = 8192
 TRUNCATED = Frame("[truncated]")
-_EMPTY = ((), ())
-_TGID_BYTES = itemgetter(slice(4, 8))
 UNKNOWN_CODE = Frame("[unknown code object]")
 
 
@@ -82,11 +81,17 @@ class Decoder:
         self._kstacks: dict[int, Stack] = {}
         self._ksyms: dict[int, Frame] = {}
         self._seeds: dict[tuple[int, int], Stack] = {}
+        #: tgid, kernel stack id, walk header and raw frames (bytes) -> index in that process's
+        #: stacks
+        self._sid_keys: dict[bytes, int] = {}
+        self._raw: list[bytes] = []
+        self._raw_since = 0.0
 
     # -- processes ------------------------------------------------------------------------------
     def add_process(self, proc) -> None:
         from probes.pysymbols import Symbolizer
 
+        self.flush()
         old = self._symbolizers.pop(proc.pid, None)
         if old is not None:
             old.close()
@@ -95,11 +100,16 @@ class Decoder:
         self._forget_stack_keys(proc.pid)
 
     def remove_process(self, pid: int) -> None:
+        self.flush()  # while its symbols can still be read
         sym = self._symbolizers.pop(pid, None)
         if sym is not None:
             sym.close()
         self._stacks.pop(pid, None)
         self._forget_stack_keys(pid)
+
+    def _forget_keys(self, pid: int) -> None:
+        tg = pid.to_bytes(4, "little")
+        self._sid_keys = {k: v for k, v in self._sid_keys.items() if k[:4] != tg}
 
     def _forget_stack_keys(self, pid: int) -> None:
         """Raw stacks of `pid` mean other code from now on (a new process, or none): symbolise
@@ -107,8 +117,10 @@ class Decoder:
         pr = self.by_tgid.get(pid)
         if pr is not None:
             pr.stacks.by_key.clear()
+        self._forget_keys(pid)
 
     def close(self) -> None:
+        self.flush()
         for sym in self._symbolizers.values():
             sym.close()
         self._symbolizers.clear()
@@ -129,22 +141,30 @@ class Decoder:
         """Decode ring buffer records into per-process columns (and into `also`, if given, as
         NamedTuple records).
 
-        In bulk: the records are grouped by process, their fixed headers joined and read column
-        by column through memoryview casts; the hot records (CPU samples, waits, short waits)
-        become rows of integers, their stacks one index into the process's stack table (a stack
-        is symbolised the first time its raw bytes are seen)."""
+        In bulk: the records' fixed headers are joined and read column by column through
+        memoryview casts, for the whole batch at once; the hot records (CPU samples, waits,
+        short waits) become rows of integers, their stacks one index into their process's stack
+        table (a stack is symbolised the first time its raw bytes are seen), and go to their
+        process's columns, which take them in bulk (probes/columns.py)."""
         hs = HDR.size
         if raw and min(map(len, raw)) < hs:
             n = len(raw)
             raw = [r for r in raw if len(r) >= hs]
             self.dropped += n - len(raw)
         if raw:
-            raw.sort(key=_TGID_BYTES)  # stable: arrival order within a process
-            i = 0
-            for tg, group in groupby(map(_TGID_BYTES, raw)):
-                n = len(list(group))
-                self._decode_process(int.from_bytes(tg, "little"), raw[i:i + n], also)
-                i += n
+            if also is not None:
+                self.flush()
+                self._decode_batch(raw, also)
+            else:
+                # Decoding has a cost per call whatever the number of records: records wait
+                # (as the bytes they came in) for up to a second or FLUSH_RECORDS, or until
+                # something reads the records, a process is added or removed.
+                if not self._raw:
+                    self._raw_since = time.monotonic()
+                self._raw += raw
+                if (len(self._raw) >= FLUSH_RECORDS
+                        or time.monotonic() - self._raw_since >= FLUSH_S):
+                    self.flush()
         off = self.clock.offset_ns
         for rec in raw_net:
             if len(rec) < _NET_FMT.size:
@@ -156,86 +176,80 @@ class Decoder:
             if also is not None:
                 also.net.append(x)
 
-    def _decode_process(self, tgid: int, recs: list[bytes], also: ProbeData | None) -> None:
-        pr = self.per(tgid)
+    def flush(self) -> None:
+        """Decode the records still waiting."""
+        if self._raw:
+            raw, self._raw = self._raw, []
+            self._decode_batch(raw, None)
+
+    def _decode_batch(self, recs: list[bytes], also: ProbeData | None) -> None:
+        """One row of integers per hot record, handed to its process's columns in bulk."""
         off = self.clock.offset_ns
-        hs = HDR.size
-        mv = memoryview(b"".join([r[:hs] for r in recs]))
-        # The header as 16-, 32- and 64-bit words (its fields are aligned): column k of a
-        # W-word header is the slice [k::W].
-        h16, h32, h32s, h64 = mv.cast("H"), mv.cast("I"), mv.cast("i"), mv.cast("Q")
-        kinds = h16[0::44].tolist()
-        errs = mv[75::88]
-        if max(errs) > 1:
-            for e, depth in zip(errs, h16[36::44]):
-                if e > 1 and not depth:  # (a partial stack's error: once per distinct stack)
-                    self.py_errors[PY_ERRORS.get(e, str(e))] += 1
-        present = set(kinds)
-        for kind in sorted(present):
-            mask = None if len(present) == 1 else list(map(kind.__eq__, kinds))
-
-            def col(c, mask=mask):
-                return c.tolist() if mask is None else list(compress(c, mask))
-
-            krecs = recs if mask is None else list(compress(recs, mask))
-            if kind > EV_EXIT:
-                self._decode_rare(pr, kind, krecs, also)
-                continue
-            tid = col(h32[2::22])
-            t0 = col(h64[2::11])
-            t0r = list(map(off.__add__, t0))
-            if kind == EV_EXIT:
-                sid = pr.stacks.by_key.get(_EMPTY)
-                if sid is None:
-                    sid = pr.stacks.add(_EMPTY, (), ())
-                rs = [x + off if x else 0 for x in col(h64[6::11])]
-                n = len(t0r)
-                pr.runs.extend_columns([t0r, [a or b for a, b in zip(rs, t0r)], tid, rs, t0r,
-                                        [0] * n, col(h64[7::11]), [0] * n, [sid] * n, [-1] * n,
-                                        [0] * n, [0] * n], also, pr)
-                continue
-            ks = col(h32s[3::22])
-            sids = self._sids(pr, tgid, krecs, ks, col(h32[18::22]))
-            task = col(h64[10::11])
-            if kind == EV_SAMPLE:
-                pr.samples.extend_columns([t0r, tid, col(h64[4::11]), sids, task], also, pr)
-                continue
-            t1r = list(map(off.__add__, col(h64[3::11])))
-            nr = [-1 if x == NO_SYSCALL else x for x in col(h16[1::44])]
+        unpack, hs = HDR.unpack_from, HDR.size
+        errors = self.py_errors
+        keys = self._sid_keys
+        batches: dict[int, tuple[list, list, list]] = {}
+        rare = []
+        last_tgid, rows = -1, None
+        for rec in recs:
+            (kind, nr, tgid, tid, ks, t0, t1, value, aux, rs, so, state, count, depth, trunc,
+             err, _h, task) = unpack(rec)
+            if tgid != last_tgid:
+                rows = batches.get(tgid)
+                if rows is None:
+                    rows = batches[tgid] = ([], [], [])
+                last_tgid = tgid
+            if err > 1 and not depth:  # (a partial stack's error: once per distinct stack)
+                errors[PY_ERRORS.get(err, str(err))] += 1
             if kind == EV_WAIT:
-                if min(ks) < 0:  # stacks read from /proc when we attached
-                    for i, k in enumerate(ks):
-                        seed = self._seeds.pop((tid[i], t0[i]), None) if k < 0 else None
-                        if seed is not None:
-                            sids[i] = self._sid(pr, tgid, krecs[i], seed=seed)
-                rs = [x + off if x else 0 for x in col(h64[6::11])]
-                pr.runs.extend_columns([t1r, [a or b for a, b in zip(rs, t0r)], tid, rs, t0r, t1r,
-                                        col(h64[7::11]), col(h32[16::22]), sids, nr,
-                                        col(h64[5::11]), task], also, pr)
+                # the process, the kernel stack id, the walk's depth, truncation and error, and
+                # the frames
+                key = rec[4:8] + rec[12:16] + rec[72:76] + rec[hs:]
+                sid = keys.get(key)
+                if ks < 0:  # a kernel stack read from /proc when we attached
+                    seed = self._seeds.pop((tid, t0), None)
+                    if seed is not None:
+                        sid = self._sid(self.per(tgid), tgid, rec, seed=seed)
+                if sid is None:
+                    sid = keys[key] = self._sid(self.per(tgid), tgid, rec)
+                rows[1].append((t1 + off, rs + off if rs else t0 + off, tid,
+                                rs + off if rs else 0, t0 + off, t1 + off, so, state, sid,
+                                -1 if nr == NO_SYSCALL else nr, aux, task))
+            elif kind == EV_SAMPLE or kind == EV_WAIT_AGG:
+                key = rec[4:8] + rec[12:16] + rec[72:76] + rec[hs:]
+                sid = keys.get(key)
+                if sid is None:
+                    sid = keys[key] = self._sid(self.per(tgid), tgid, rec)
+                if kind == EV_SAMPLE:
+                    rows[0].append((t0 + off, tid, value, sid, task))
+                else:
+                    rows[2].append((t1 + off, t0 + off, tid, value, count, state, sid,
+                                    -1 if nr == NO_SYSCALL else nr, aux, task))
+            elif kind == EV_EXIT:
+                rows[1].append((t0 + off, rs + off if rs else t0 + off, tid,
+                                rs + off if rs else 0, t0 + off, 0, so, 0,
+                                self.per(tgid).empty_sid(), -1, 0, 0))
             else:
-                pr.short_waits.extend_columns([t1r, t0r, tid, col(h64[4::11]), col(h32[17::22]),
-                                               col(h32[16::22]), sids, nr, col(h64[5::11]),
-                                               task], also, pr)
+                rare.append(rec)
+        if len(keys) >= 4 * MAX_STACKS_PER_PROCESS:
+            keys.clear()  # forget the keys, not the stacks: kept records still point at them
+        for tgid, kinds in batches.items():
+            pr = self.per(tgid)
+            for cols, rows in zip((pr.samples, pr.runs, pr.short_waits), kinds):
+                if rows:
+                    if also is not None:
+                        getattr(also, cols.KIND).extend(cols.records(tgid, rows,
+                                                                     pr.stacks.pairs))
+                    cols.add_rows(rows)
+        if rare:
+            self._decode_rare(rare, also)
 
-    def _sids(self, pr: ProcessRecords, tgid: int, recs: list[bytes], ks, walk) -> list[int]:
-        """The stack index of each record: the kernel stack id, the walk's depth, truncation
-        and error, and the frames are the key."""
-        by_key = pr.stacks.by_key
-        hs = HDR.size
-        keys = list(zip(ks, walk, [r[hs:] for r in recs]))
-        sids = list(map(by_key.get, keys))
-        if None in sids:
-            for i in [i for i, s in enumerate(sids) if s is None]:
-                sid = by_key.get(keys[i])  # (an earlier miss of this batch added it)
-                sids[i] = sid if sid is not None else self._sid(pr, tgid, recs[i], key=keys[i])
-        return sids
-
-    def _decode_rare(self, pr: ProcessRecords, kind: int, recs: list[bytes],
-                     also: ProbeData | None) -> None:
+    def _decode_rare(self, recs: list[bytes], also: ProbeData | None) -> None:
         off = self.clock.offset_ns
         for rec in recs:
             (kind, nr, tgid, tid, ks, t0, t1, value, aux, rs, so, state, count, depth, trunc,
              err, _h, task) = HDR.unpack_from(rec)
+            pr = self.per(tgid)
             if kind == EV_IO:
                 py = self._pystack(tgid, rec, depth, trunc, err, count=bool(depth))
                 rwbs = aux.to_bytes(8, "little").split(b"\0", 1)[0].decode("ascii", "replace")
@@ -258,24 +272,17 @@ class Decoder:
                 if also is not None:
                     also.new_threads[tid] = t0 + off
 
-    def _sid(self, pr: ProcessRecords, tgid: int, rec: bytes, seed: Stack | None = None,
-             key: bytes | None = None) -> int:
-        """Intern the stacks of a record seen for the first time (or with a seeded kernel
-        stack): symbolise them and give them an index in the process's stack table."""
+    def _sid(self, pr: ProcessRecords, tgid: int, rec: bytes, seed: Stack | None = None) -> int:
+        """Symbolise the stacks of a record seen for the first time (or with a seeded kernel
+        stack) and give them an index in the process's stack table."""
         (_kind, _nr, _tgid, _tid, ks, _t0, _t1, _v, _aux, _rs, _so, _st, _c, depth, trunc, err,
          _h, _task) = HDR.unpack_from(rec)
         k = self._kstack(ks) if seed is None else seed
         py = self._pystack(tgid, rec, depth, trunc, err, count=bool(depth))
-        st = pr.stacks
-        if key is None:
-            key = (k, py)
-            sid = st.by_key.get(key)
-            if sid is not None:
-                return sid
-        elif len(st.by_key) >= MAX_STACKS_PER_PROCESS:
-            # Forget the keys, not the pairs: kept records still point at them (prune compacts).
-            st.by_key.clear()
-        return st.add(key, k, py)
+        if seed is None:
+            return pr.stacks.add(None, k, py)
+        sid = pr.stacks.by_key.get((k, py))
+        return sid if sid is not None else pr.stacks.add((k, py), k, py)
 
     def drain_buckets(self, table, also: ProbeData | None) -> None:
         real, width = self.clock.real, 10_000_000
@@ -375,23 +382,32 @@ class Decoder:
     def window(self, pid: int, start_ns: int, end_ns: int) -> ProbeData:
         """The records of `pid` that touch [start_ns, end_ns) (a WindowData: columns, with
         NamedTuple lists made on first use)."""
+        self.flush()
         pr = self.by_tgid.get(pid)
         if pr is None:
             return WindowData(start_ns=start_ns, end_ns=end_ns)
         return pr.window(start_ns, end_ns)
 
     def prune(self, before_ns: int, targets: set[int]) -> int:
+        self.flush()
         n = 0
         for tgid in list(self.by_tgid):
             pr = self.by_tgid[tgid]
             n += pr.prune(before_ns)
             if tgid not in targets and pr.empty():
                 del self.by_tgid[tgid]
+                self._forget_keys(tgid)
             else:
-                pr.compact(2 * MAX_STACKS_PER_PROCESS)
+                new = pr.compact(2 * MAX_STACKS_PER_PROCESS)
+                if new is not None:
+                    tg = tgid.to_bytes(4, "little")
+                    self._sid_keys = {k: new[v] if k[:4] == tg else v
+                                      for k, v in self._sid_keys.items()
+                                      if k[:4] != tg or v in new}
         return n
 
     def counters(self) -> dict[str, int]:
+        self.flush()
         out = {"records_dropped": self.dropped, "unknown_code_objects": self.unknown_code}
         for name, n in self.py_errors.items():
             out[f"python_stack_error_{name}"] = n

@@ -99,6 +99,18 @@ def test_windows_and_pruning_match_the_records():
                   key=_key) == sorted(left, key=_key)
     assert n == kept - sum(len(pr.runs) + len(pr.samples) + len(pr.short_waits)
                            + len(pr.rare.io) for pr in d.by_tgid.values())
+    # A process forgotten by pruning that sends records again gets its stacks anew.
+    d.prune(OFF + t_end + 10**9, set())
+    assert not d.by_tgid
+    again, _t = _batches(seed=2, n=1)
+    d.decode(again[0], [], None)
+    fresh = _decoder()
+    fresh.decode(again[0], [], None)
+    for pid in (10, 11):
+        got, want = d.window(pid, 0, 1 << 62), fresh.window(pid, 0, 1 << 62)
+        assert got.samples and got.runs
+        assert (got.samples, got.runs, got.short_waits) == (want.samples, want.runs,
+                                                             want.short_waits)
 
 
 def test_profiles_from_columns_match_profiles_from_records():
@@ -130,6 +142,8 @@ def test_profiles_from_columns_match_profiles_from_records():
                 s = add_records(prof, pid, data, python_stack=kernel_python_stack,
                                 window=(lo, hi), cpu=cpu,
                                 linker=TraceLinker(store, 19, window=(lo - 1, hi + 1), tasks=True))
-                out.append((prof.samples, s, cpu and [(t, cpu.runs(t), cpu.exit_ns(t), cpu.oncpu_ns(t, lo, hi)) for t in sorted(cpu.tids())]))
+                threads = cpu and [(t, cpu.runs(t), cpu.exit_ns(t), cpu.oncpu_ns(t, lo, hi))
+                                   for t in sorted(cpu.tids())]
+                out.append((prof.samples, s, threads))
             assert out[0] == out[1]
             assert len(out[0][0]) > 100

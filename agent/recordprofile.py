@@ -268,25 +268,29 @@ class _FastLabels:
     """Labels of records read from columns: the span of a thread (or task) at an instant, and
     the sample labels, cached per (thread, span, reason)."""
 
-    __slots__ = ("pid", "linker", "names", "cache", "quiet", "lo", "hi")
+    __slots__ = ("pid", "linker", "names", "cache", "quiet_tids", "lo", "hi")
 
     def __init__(self, pid: int, linker, names: dict[int, str]) -> None:
         self.pid, self.linker, self.names = pid, linker, names
         self.cache: dict[tuple, Labels] = {}
         #: tid -> True when the thread has no span in the linker's window
-        self.quiet: dict[int, bool] = {}
+        self.quiet_tids: dict[int, bool] = {}
         w = linker.window if linker is not None else None
         self.lo, self.hi = w if w is not None else (0, -1)
+
+    def quiet(self, tid: int) -> bool:
+        """Whether the thread has no span in the linker's window (needs a linker)."""
+        q = self.quiet_tids.get(tid)
+        if q is None:
+            q = self.quiet_tids[tid] = not self.linker.thread_has_spans(self.pid, tid)
+        return q
 
     def span(self, tid: int, t: int, task: int = 0) -> Labels:
         lk = self.linker
         if lk is None:
             return ()
         if not (task and lk.tasks) and self.lo <= t < self.hi:
-            q = self.quiet.get(tid)
-            if q is None:
-                q = self.quiet[tid] = not lk.thread_has_spans(self.pid, tid)
-            if q:
+            if self.quiet(tid):
                 return ()
         return lk.event_labels(self.pid, tid, t, None, task)
 
@@ -352,14 +356,29 @@ def _add_wait_columns(profile: Profile, runs, shorts, stacks, gil, lo: int, hi: 
         return r
 
     if runs is not None:
+        # Waits of a thread without spans (the common case) need no lookup each: added up per
+        # (thread, place) first, they get their reason and labels once.
+        plain: dict[tuple, int] = {}
+        quiet = fast.quiet
+        lk, wlo, whi = fast.linker, fast.lo, fast.hi
+        tasks = lk is not None and lk.tasks
         for (_e, _s, tid, _rs, a, b, _so, state, sid, nr, aux, task) in runs.rows():
             if not b:  # the thread exited
                 continue
             dur = (b if b < hi else hi) - (a if a > lo else lo)
             if dur <= 0:
                 continue
+            mid = (a + b) // 2
+            if lk is None or (not (task and tasks) and wlo <= mid < whi and quiet(tid)):
+                k = (tid, sid, state, nr, aux)
+                plain[k] = plain.get(k, 0) + dur
+                continue
             reason = reasons.get((sid, state, nr, aux)) or reason_of(sid, state, nr, aux)
-            key = (sid, reason, of(tid, span(tid, (a + b) // 2, task), reason))
+            key = (sid, reason, of(tid, span(tid, mid, task), reason))
+            acc[key] = acc.get(key, 0) + dur
+        for (tid, sid, state, nr, aux), dur in plain.items():
+            reason = reasons.get((sid, state, nr, aux)) or reason_of(sid, state, nr, aux)
+            key = (sid, reason, of(tid, (), reason))
             acc[key] = acc.get(key, 0) + dur
     if shorts is not None:
         for (b, a, tid, total, _n, state, sid, nr, aux, task) in shorts.rows():

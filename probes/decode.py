@@ -231,7 +231,7 @@ class Decoder:
                                 self.per(tgid).empty_sid(), -1, 0, 0))
             else:
                 rare.append(rec)
-        if len(keys) >= 4 * MAX_STACKS_PER_PROCESS:
+        if len(keys) >= 2 * MAX_STACKS_PER_PROCESS:
             keys.clear()  # forget the keys, not the stacks: kept records still point at them
         for tgid, kinds in batches.items():
             pr = self.per(tgid)

@@ -101,13 +101,13 @@ struct code_cache_entry {
 /* Per-CPU, not on the BPF stack: fields are read at offsets known only at run time, which the
  * verifier accepts for map values with masked offsets.
  *
- * `win` holds a copy of the innermost PY_WINDOW bytes of the thread's current data stack chunk
- * (3.11+: ordinary call frames sit next to each other there), taken with one user-memory read,
- * so that the walk reads those frames from the copy; its last 128 bytes take the first bytes of
- * a frame read on its own (3.10 needs 104: f_lasti is at 96; 3.11+ frames outside the copy,
- * such as generators' frames, which live in their generator objects). */
+ * `win` holds, from byte 128, a copy of the innermost PY_WINDOW bytes of the thread's current
+ * data stack chunk (3.11+: ordinary call frames sit next to each other there), taken with one
+ * user-memory read, so that the walk reads those frames from the copy; its first 128 bytes take
+ * the first bytes of a frame read on its own (3.10 needs 104: f_lasti is at 96; 3.11+ frames
+ * outside the copy, such as generators' frames, which live in their generator objects). */
 struct py_scratch {
-    u8 win[PY_WINDOW + 128];
+    u8 win[128 + PY_WINDOW + 128];
     u8 code[128];                   /* a code object's first bytes (ob_type .. co_firstlineno) */
     u8 ts[512];                     /* the PyThreadState's first bytes, up to datastack_top */
     /* The walk's state lives here rather than on the BPF stack: the verifier then treats it as
@@ -118,7 +118,7 @@ struct py_scratch {
     u64 wlo;                        /* the copy in `win` holds user memory [wlo, whi) */
     u64 whi;
     u32 n;
-    u32 pad;
+    u32 off;                        /* where in `win` the frame being read starts */
     /* per frame: the coroutine/generator that owns it (3.11+: the frame address of a frame
      * owned by a generator; 3.10: f_gen), or 0 */
     u64 gen[PY_MAX_FRAMES];         /* bit 0: the frame was entered from C (3.12+) */
@@ -237,7 +237,7 @@ static __always_inline u64 py_first_frame(struct py_proc *pp, struct py_scratch 
         u64 lo = chunk + 24;   /* _PyStackChunk: previous, size, top, then data */
         if (py_user_ptr(chunk) && top > lo && top <= PY_USER_MAX && top - lo < (1ULL << 30)) {
             u64 len = top - lo < PY_WINDOW ? top - lo : PY_WINDOW;
-            if (!bpf_probe_read_user(s->win, ((len - 1) & (PY_WINDOW - 1)) + 1,
+            if (!bpf_probe_read_user(s->win + 128, ((len - 1) & (PY_WINDOW - 1)) + 1,
                                      (void *)(top - len))) {
                 s->wlo = top - len;
                 s->whi = top;
@@ -272,22 +272,33 @@ static __always_inline u32 py_walk(u32 tgid, u32 which, struct py_stack_hdr *hdr
     s->n = 0;
     s->hash = 0xcbf29ce484222325ULL;
     u64 now = bpf_ktime_get_ns();
-    u32 is310 = pp->flags & PY_FLAG_310;
     u32 i;
     for (i = 0; i < 2 * PY_MAX_FRAMES; i++) {
         u64 frame = s->cur;
         if (!frame)
             break;
+        /* Reloaded each time (volatile): a version known in a register would split the
+         * verifier's states at every test of it, and they would never merge again. */
+        u32 is310 = *(volatile u32 *)&pp->flags & PY_FLAG_310;
         u32 n = s->n;
         if (n >= PY_MAX_FRAMES) {
             hdr->truncated = 1;
             break;
         }
-        /* From the copy of the chunk when the frame's first 80 bytes are in it, else read. */
-        u32 off = PY_WINDOW;
+        /* From the copy of the chunk when the frame's first 80 bytes are in it, else read on
+         * its own into win[0, 128). Where to read goes through the scratch map, so both cases
+         * leave the verifier one state (two would double every later instruction it checks). */
         if (frame >= s->wlo && frame + 80 <= s->whi) {
-            off = (u32)(frame - s->wlo) & (PY_WINDOW - 1);
-        } else if (bpf_probe_read_user(s->win + PY_WINDOW, is310 ? 104 : 80, (void *)frame)) {
+            s->off = 128 + (u32)(frame - s->wlo);
+        } else {
+            s->off = 0;
+            if (bpf_probe_read_user(s->win, 80 + 24 * is310, (void *)frame)) {
+                hdr->err = PYE_FRAME;
+                break;
+            }
+        }
+        u32 off = *(volatile u32 *)&s->off;
+        if (off > PY_WINDOW + 64) {
             hdr->err = PYE_FRAME;
             break;
         }
@@ -354,7 +365,7 @@ static __always_inline u32 py_walk(u32 tgid, u32 which, struct py_stack_hdr *hdr
          * Its object's address is what Python calls id(). */
         u64 gen = s->gen[i & (PY_MAX_FRAMES - 1)];
         if (gen && (flags & PY_CO_COROUTINE) && !s->entry_task) {
-            u64 coro = is310 ? gen : (gen & ~1ULL) - pp->gen_frame;
+            u64 coro = (pp->flags & PY_FLAG_310) ? gen : (gen & ~1ULL) - pp->gen_frame;
             if (gen & 1)
                 s->entry_task = coro;
             else

@@ -31,6 +31,9 @@
 #ifndef CODE_CACHE_SLOTS
 #define CODE_CACHE_SLOTS 1024       /* power of two */
 #endif
+#ifndef PY_PROC_CACHE_NS
+#define PY_PROC_CACHE_NS 1000000000ULL
+#endif
 #ifndef CODE_CACHE_NS
 #define CODE_CACHE_NS 1000000000ULL
 #endif
@@ -115,6 +118,10 @@ struct py_scratch {
      * and giving up ("program too large") well before PY_MAX_FRAMES. */
     u64 cur;
     u64 hash;
+    struct py_proc pp;              /* py_procs[pp_tgid], copied at pp_stamp */
+    u64 pp_stamp;
+    u32 pp_tgid;
+    u32 pad;
     u64 wlo;                        /* the copy in `win` holds user memory [wlo, whi) */
     u64 whi;
     u32 n;
@@ -258,20 +265,30 @@ static __always_inline u32 py_walk(u32 tgid, u32 which, struct py_stack_hdr *hdr
     hdr->err = PYE_OK;
     hdr->hash = 0;
     hdr->task = 0;
-    struct py_proc *pp = py_procs.lookup(&tgid);
-    if (!pp) {
-        hdr->err = PYE_NO_PROC;
-        return 0;
-    }
     struct py_scratch *s = py_scratch.lookup(&which);
     if (!s)
         return 0;
+    /* The process's configuration, copied into this CPU's scratch for PY_PROC_CACHE_NS: a hash
+     * lookup on cold caches costs more than the copy (entries never change in place; a pid
+     * removed and reused by another target within that time on this CPU could be walked with
+     * its predecessor's offsets, and every read would still be checked). */
+    u64 now = bpf_ktime_get_ns();
+    if (s->pp_tgid != tgid || now - s->pp_stamp >= PY_PROC_CACHE_NS) {
+        struct py_proc *src = py_procs.lookup(&tgid);
+        if (!src) {
+            hdr->err = PYE_NO_PROC;
+            return 0;
+        }
+        __builtin_memcpy(&s->pp, src, sizeof(s->pp));
+        s->pp_tgid = tgid;
+        s->pp_stamp = now;
+    }
+    struct py_proc *pp = &s->pp;
     s->wlo = 0;
     s->whi = 0;
     s->cur = py_first_frame(pp, s, hdr);
     s->n = 0;
     s->hash = 0xcbf29ce484222325ULL;
-    u64 now = bpf_ktime_get_ns();
     u32 i;
     for (i = 0; i < 2 * PY_MAX_FRAMES; i++) {
         u64 frame = s->cur;

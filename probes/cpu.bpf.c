@@ -18,11 +18,16 @@ int on_cpu_sample(void *ctx)
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
     u32 tgid = id >> 32;
-    if (tid == 0 || !is_target(tgid))
+    if (tid == 0 || !target_bit(tgid))
+        return 0;
+    /* A thread with state is a target's (state exists only for those): no `targets` lookup. */
+    struct tstate *s = tstates.lookup(&tid);
+    if (s && s->tgid != tgid)
+        s = NULL;
+    if (!s && !is_target(tgid))
         return 0;
     count(C_SAMPLES);
     u64 now = bpf_ktime_get_ns();
-    struct tstate *s = tstates.lookup(&tid);
     if (s && s->off_start) {
         u32 cpu = bpf_get_smp_processor_id();
         u64 *last = cpu_last.lookup(&cpu);

@@ -269,9 +269,9 @@ static __always_inline u32 py_walk(u32 tgid, u32 which, struct py_stack_hdr *hdr
     if (!s)
         return 0;
     /* The process's configuration, copied into this CPU's scratch for PY_PROC_CACHE_NS: a hash
-     * lookup on cold caches costs more than the copy (entries never change in place; a pid
-     * removed and reused by another target within that time on this CPU could be walked with
-     * its predecessor's offsets, and every read would still be checked). */
+     * lookup on cold caches costs more than the copy. Entries never change in place; a pid
+     * removed and taken by another target within that time would meet its predecessor's
+     * interpreter address, fail the tstate check (one stack lost) and drop the copy. */
     u64 now = bpf_ktime_get_ns();
     if (s->pp_tgid != tgid || now - s->pp_stamp >= PY_PROC_CACHE_NS) {
         struct py_proc *src = py_procs.lookup(&tgid);
@@ -287,6 +287,8 @@ static __always_inline u32 py_walk(u32 tgid, u32 which, struct py_stack_hdr *hdr
     s->wlo = 0;
     s->whi = 0;
     s->cur = py_first_frame(pp, s, hdr);
+    if (hdr->err == PYE_TSTATE)
+        s->pp_tgid = 0;   /* maybe another process at a reused pid: look it up next time */
     s->n = 0;
     s->hash = 0xcbf29ce484222325ULL;
     u32 i;

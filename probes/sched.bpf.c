@@ -206,14 +206,17 @@ RAW_TRACEPOINT_PROBE(sched_switch)
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
     u32 tgid = id >> 32;
-    if (tid == 0 || !is_target(tgid))
+    if (tid == 0 || !target_bit(tgid))
         return 0;
     u32 raw_state = (u32)ctx->args[3];
     if (raw_state & RAW_DEAD)
         return 0;  /* exiting: accounted for at sched_process_exit */
+    /* A thread with state is a target's (state exists only for those, and goes when its
+     * process stops being one): the `targets` lookup is needed only without it. */
     struct tstate *s = tstates.lookup(&tid);
-    if (!s) {
-        count(C_THREAD_UNTRACKED);
+    if (!s || s->tgid != tgid) {
+        if (is_target(tgid))
+            count(C_THREAD_UNTRACKED);
         return 0;
     }
     struct sf_record *slot = tstacks.lookup(&tid);

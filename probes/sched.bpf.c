@@ -14,6 +14,10 @@
  * place changes, AGG_FLUSH_NS have added up, or AGG_SPAN_NS have passed. Shorter preemptions
  * only shorten the run's CPU time (short_off).
  *
+ * A blocking switch takes the kernel stack once per place (KSTACK_REUSE_NS): the same Python
+ * stack, syscall, first argument and state reuse the stack id taken last time (get_stackid is
+ * the dearest step of a switch on cold caches).
+ *
  * This hook runs with the runqueue lock held: it only looks up per-thread state (created in
  * process context: by task_newtask for new threads, by user space for existing ones) and writes
  * into it, into per-CPU arrays and into the ring buffer. It never inserts into or deletes from a

@@ -16,6 +16,12 @@
  * (direct-mapped, by address) for CODE_CACHE_NS: a code object freed and replaced at the same
  * address within that time could keep its predecessor's check.
  *
+ * Frame memory (3.11+): ordinary call frames sit next to each other in the thread's data stack
+ * chunk, so the innermost PY_WINDOW bytes of the current chunk are copied with one user-memory
+ * read and frames found there are read from the copy; the rest (generator and coroutine frames,
+ * older chunks, 3.10's heap frames) one read each. Each user read costs ~85 ns here, the first
+ * of a program several times that.
+ *
  * Everything read from the target is untrusted: pointers are checked (non-null, user range,
  * reads succeed), the type of every code object is checked, and the walk is bounded.
  */
@@ -25,8 +31,14 @@
 #ifndef FSBASE_OFF
 #define FSBASE_OFF 0                /* offsetof(task_struct, thread.fsbase), from BTF */
 #endif
+#ifndef PY_WINDOW
+#define PY_WINDOW 16384             /* power of two: bytes of frame memory copied in one read */
+#endif
 #ifndef CODE_CACHE_SLOTS
 #define CODE_CACHE_SLOTS 1024       /* power of two */
+#endif
+#ifndef PY_PROC_CACHE_NS
+#define PY_PROC_CACHE_NS 1000000000ULL
 #endif
 #ifndef CODE_CACHE_NS
 #define CODE_CACHE_NS 1000000000ULL
@@ -95,20 +107,31 @@ struct code_cache_entry {
     u32 flags;
 };
 
-/* A frame's first bytes (3.10 needs 104: f_lasti is at 96) and a code object's (from ob_type
- * to co_firstlineno: at most 80). Per-CPU, not on the BPF stack: fields are read at offsets
- * known only at run time, which the verifier accepts for map values with masked offsets. */
+/* Per-CPU, not on the BPF stack: fields are read at offsets known only at run time, which the
+ * verifier accepts for map values with masked offsets.
+ *
+ * `win` holds, from byte 128, a copy of the innermost PY_WINDOW bytes of the thread's current
+ * data stack chunk (3.11+: ordinary call frames sit next to each other there), taken with one
+ * user-memory read, so that the walk reads those frames from the copy; its first 128 bytes take
+ * the first bytes of a frame read on its own (3.10 needs 104: f_lasti is at 96; 3.11+ frames
+ * outside the copy, such as generators' frames, which live in their generator objects). */
 struct py_scratch {
-    u8 frame[128];
-    u8 code[128];
-    u8 ts[128];
+    u8 win[128 + PY_WINDOW + 128];
+    u8 code[128];                   /* a code object's first bytes (ob_type .. co_firstlineno) */
+    u8 ts[512];                     /* the PyThreadState's first bytes, up to datastack_top */
     /* The walk's state lives here rather than on the BPF stack: the verifier then treats it as
      * unknown scalars and prunes iterations, instead of tracking every (iteration, depth) pair
      * and giving up ("program too large") well before PY_MAX_FRAMES. */
     u64 cur;
     u64 hash;
-    u32 n;
+    struct py_proc pp;              /* py_procs[pp_tgid], copied at pp_stamp */
+    u64 pp_stamp;
+    u32 pp_tgid;
     u32 pad;
+    u64 wlo;                        /* the copy in `win` holds user memory [wlo, whi) */
+    u64 whi;
+    u32 n;
+    u32 off;                        /* where in `win` the frame being read starts */
     /* per frame: the coroutine/generator that owns it (3.11+: the frame address of a frame
      * owned by a generator; 3.10: f_gen), or 0 */
     u64 gen[PY_MAX_FRAMES];         /* bit 0: the frame was entered from C (3.12+) */
@@ -127,6 +150,11 @@ static __always_inline u64 py_u64(const u8 *buf, u32 off)
 static __always_inline u32 py_u32(const u8 *buf, u32 off)
 {
     return *(const u32 *)(buf + (off & 0x7c));
+}
+
+static __always_inline u64 py_ts_u64(const u8 *ts, u32 off)
+{
+    return *(const u64 *)(ts + (off & 0x1f8));
 }
 
 static __always_inline int py_user_ptr(u64 p)
@@ -191,12 +219,16 @@ static __always_inline u64 py_first_frame(struct py_proc *pp, struct py_scratch 
         hdr->err = PYE_NO_TSTATE;
         return 0;
     }
-    if (!py_user_ptr(tstate) || bpf_probe_read_user(s->ts, 96, (void *)tstate) ||
-        py_u64(s->ts, pp->ts_interp) != pp->interp) {
+    /* One read covers the fields we need: interp, the frame (or cframe) and, 3.11+, the data
+     * stack's current chunk and top (datastack_top follows datastack_chunk). */
+    u32 tsz = pp->ts_chunk != PY_NO_OFFSET ? pp->ts_chunk + 16 : 96;
+    if (!py_user_ptr(tstate) ||
+        bpf_probe_read_user(s->ts, ((tsz - 1) & (sizeof(s->ts) - 1)) + 1, (void *)tstate) ||
+        py_ts_u64(s->ts, pp->ts_interp) != pp->interp) {
         hdr->err = PYE_TSTATE;
         return 0;
     }
-    u64 frame = py_u64(s->ts, pp->ts_frame);
+    u64 frame = py_ts_u64(s->ts, pp->ts_frame);
     if (pp->cf_current != PY_NO_OFFSET && frame) {
         u64 cframe = frame;
         frame = 0;
@@ -209,6 +241,21 @@ static __always_inline u64 py_first_frame(struct py_proc *pp, struct py_scratch 
     if (frame && !py_user_ptr(frame)) {
         hdr->err = PYE_FRAME;
         return 0;
+    }
+    if (frame && pp->ts_chunk != PY_NO_OFFSET) {
+        /* The innermost frames, in one read: [top - PY_WINDOW, top) of the current chunk. A
+         * failed read only costs the walk its shortcut. */
+        u64 chunk = py_ts_u64(s->ts, pp->ts_chunk);
+        u64 top = py_ts_u64(s->ts, pp->ts_chunk + 8);
+        u64 lo = chunk + 24;   /* _PyStackChunk: previous, size, top, then data */
+        if (py_user_ptr(chunk) && top > lo && top <= PY_USER_MAX && top - lo < (1ULL << 30)) {
+            u64 len = top - lo < PY_WINDOW ? top - lo : PY_WINDOW;
+            if (!bpf_probe_read_user(s->win + 128, ((len - 1) & (PY_WINDOW - 1)) + 1,
+                                     (void *)(top - len))) {
+                s->wlo = top - len;
+                s->whi = top;
+            }
+        }
     }
     return frame;
 }
@@ -224,35 +271,65 @@ static __always_inline u32 py_walk(u32 tgid, u32 which, struct py_stack_hdr *hdr
     hdr->err = PYE_OK;
     hdr->hash = 0;
     hdr->task = 0;
-    struct py_proc *pp = py_procs.lookup(&tgid);
-    if (!pp) {
-        hdr->err = PYE_NO_PROC;
-        return 0;
-    }
     struct py_scratch *s = py_scratch.lookup(&which);
     if (!s)
         return 0;
+    /* The process's configuration, copied into this CPU's scratch for PY_PROC_CACHE_NS: a hash
+     * lookup on cold caches costs more than the copy. Entries never change in place; a pid
+     * removed and taken by another target within that time would meet its predecessor's
+     * interpreter address, fail the tstate check (one stack lost) and drop the copy. */
+    u64 now = bpf_ktime_get_ns();
+    if (s->pp_tgid != tgid || now - s->pp_stamp >= PY_PROC_CACHE_NS) {
+        struct py_proc *src = py_procs.lookup(&tgid);
+        if (!src) {
+            hdr->err = PYE_NO_PROC;
+            return 0;
+        }
+        __builtin_memcpy(&s->pp, src, sizeof(s->pp));
+        s->pp_tgid = tgid;
+        s->pp_stamp = now;
+    }
+    struct py_proc *pp = &s->pp;
+    s->wlo = 0;
+    s->whi = 0;
     s->cur = py_first_frame(pp, s, hdr);
+    if (hdr->err == PYE_TSTATE)
+        s->pp_tgid = 0;   /* maybe another process at a reused pid: look it up next time */
     s->n = 0;
     s->hash = 0xcbf29ce484222325ULL;
-    u64 now = bpf_ktime_get_ns();
-    u32 is310 = pp->flags & PY_FLAG_310;
     u32 i;
     for (i = 0; i < 2 * PY_MAX_FRAMES; i++) {
         u64 frame = s->cur;
         if (!frame)
             break;
+        /* Reloaded each time (volatile): a version known in a register would split the
+         * verifier's states at every test of it, and they would never merge again. */
+        u32 is310 = *(volatile u32 *)&pp->flags & PY_FLAG_310;
         u32 n = s->n;
         if (n >= PY_MAX_FRAMES) {
             hdr->truncated = 1;
             break;
         }
-        if (bpf_probe_read_user(s->frame, is310 ? 104 : 80, (void *)frame)) {
+        /* From the copy of the chunk when the frame's first 80 bytes are in it, else read on
+         * its own into win[0, 128). Where to read goes through the scratch map, so both cases
+         * leave the verifier one state (two would double every later instruction it checks). */
+        if (frame >= s->wlo && frame + 80 <= s->whi) {
+            s->off = 128 + (u32)(frame - s->wlo);
+        } else {
+            s->off = 0;
+            if (bpf_probe_read_user(s->win, 80 + 24 * is310, (void *)frame)) {
+                hdr->err = PYE_FRAME;
+                break;
+            }
+        }
+        u32 off = *(volatile u32 *)&s->off;
+        if (off > PY_WINDOW + 64) {
             hdr->err = PYE_FRAME;
             break;
         }
-        u64 code = py_u64(s->frame, pp->f_code);
-        u64 prev = py_u64(s->frame, pp->f_previous);
+        const u8 *fb = s->win + off;
+        u64 code = py_u64(fb, pp->f_code);
+        u64 prev = py_u64(fb, pp->f_previous);
         if (prev && !py_user_ptr(prev)) {
             hdr->err = PYE_FRAME;
             break;
@@ -261,10 +338,10 @@ static __always_inline u32 py_walk(u32 tgid, u32 which, struct py_stack_hdr *hdr
         u32 instr;
         u64 gen = 0;
         if (is310) {
-            instr = py_u32(s->frame, pp->f_instr);
-            gen = py_u64(s->frame, pp->gen_frame);
+            instr = py_u32(fb, pp->f_instr);
+            gen = py_u64(fb, pp->gen_frame);
         } else {
-            u8 owner = s->frame[pp->f_owner & 0x7f];
+            u8 owner = fb[pp->f_owner & 0x7f];
             if (owner == PY_OWNER_CSTACK) {
                 /* 3.12+: the frame recorded just before was entered from C; for a coroutine,
                  * that is a task's step (Task.__step sends into it), eager or not */
@@ -274,7 +351,7 @@ static __always_inline u32 py_walk(u32 tgid, u32 which, struct py_stack_hdr *hdr
             }
             if (owner == PY_OWNER_GENERATOR)
                 gen = frame;
-            u64 ip = py_u64(s->frame, pp->f_instr);
+            u64 ip = py_u64(fb, pp->f_instr);
             if (ip < code || ip - code > (1U << 24)) {
                 hdr->err = PYE_INSTR;
                 break;
@@ -313,7 +390,7 @@ static __always_inline u32 py_walk(u32 tgid, u32 which, struct py_stack_hdr *hdr
          * Its object's address is what Python calls id(). */
         u64 gen = s->gen[i & (PY_MAX_FRAMES - 1)];
         if (gen && (flags & PY_CO_COROUTINE) && !s->entry_task) {
-            u64 coro = is310 ? gen : (gen & ~1ULL) - pp->gen_frame;
+            u64 coro = (pp->flags & PY_FLAG_310) ? gen : (gen & ~1ULL) - pp->gen_frame;
             if (gen & 1)
                 s->entry_task = coro;
             else

@@ -14,6 +14,10 @@
  * place changes, AGG_FLUSH_NS have added up, or AGG_SPAN_NS have passed. Shorter preemptions
  * only shorten the run's CPU time (short_off).
  *
+ * A blocking switch takes the kernel stack once per place (KSTACK_REUSE_NS): the same Python
+ * stack, syscall, first argument and state reuse the stack id taken last time (get_stackid is
+ * the dearest step of a switch on cold caches).
+ *
  * This hook runs with the runqueue lock held: it only looks up per-thread state (created in
  * process context: by task_newtask for new threads, by user space for existing ones) and writes
  * into it, into per-CPU arrays and into the ring buffer. It never inserts into or deletes from a
@@ -27,6 +31,9 @@
 #endif
 #ifndef AGG_SPAN_NS
 #define AGG_SPAN_NS 100000000ULL
+#endif
+#ifndef KSTACK_REUSE_NS
+#define KSTACK_REUSE_NS 1000000000ULL
 #endif
 #ifndef MAX_CPUS
 #define MAX_CPUS 1024
@@ -60,6 +67,13 @@ struct tstate {
     u32 agg_syscall;
     u64 net_first;      /* when the bytes in net_bytes began to add up */
     u64 net_bytes[2];   /* TCP bytes sent, received since the last EV_NET record */
+    u64 kc_stamp;       /* the kernel stack last taken at a blocking switch (kc_kstack), when, */
+    u64 kc_arg0;        /* ... and where: the syscall's first argument, */
+    u32 kc_syscall;     /* ... the syscall, */
+    u32 kc_hash;        /* ... the Python stack (hash, depth) */
+    u16 kc_depth;
+    u16 kc_state;       /* ... and the task state */
+    s32 kc_kstack;
 };
 
 BPF_ARRAY(cpu_last, u64, MAX_CPUS);
@@ -196,14 +210,17 @@ RAW_TRACEPOINT_PROBE(sched_switch)
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
     u32 tgid = id >> 32;
-    if (tid == 0 || !is_target(tgid))
+    if (tid == 0 || !target_bit(tgid))
         return 0;
     u32 raw_state = (u32)ctx->args[3];
     if (raw_state & RAW_DEAD)
         return 0;  /* exiting: accounted for at sched_process_exit */
+    /* A thread with state is a target's (state exists only for those, and goes when its
+     * process stops being one): the `targets` lookup is needed only without it. */
     struct tstate *s = tstates.lookup(&tid);
-    if (!s) {
-        count(C_THREAD_UNTRACKED);
+    if (!s || s->tgid != tgid) {
+        if (is_target(tgid))
+            count(C_THREAD_UNTRACKED);
         return 0;
     }
     struct sf_record *slot = tstacks.lookup(&tid);
@@ -222,22 +239,43 @@ RAW_TRACEPOINT_PROBE(sched_switch)
     s->futex_uaddr = 0;
     s->syscall = NO_SYSCALL;
     s->kstack = -1;
-    if (st == 1 || st == 2) {
-        s->kstack = kstacks.get_stackid(ctx, 0);
-        if (s->kstack < 0)
-            count(C_KSTACK_ERR);
+    int blocked = st == 1 || st == 2;
+    if (blocked) {
         u32 nr;
         u64 arg0;
         blocking_syscall(&nr, &arg0);
         s->syscall = nr;
         s->futex_uaddr = arg0;
     }
-    if (!slot)
-        return 0;
-    struct sf_record *r = record_buf(SCRATCH_IRQ);
+    struct sf_record *r = slot ? record_buf(SCRATCH_IRQ) : NULL;
+    u32 depth = 0;
+    if (r)
+        depth = py_walk(tgid, SCRATCH_IRQ, &r->ev.py, r->frames);
+    if (blocked) {
+        /* The kernel stack, once per place: a thread blocking again with the same Python stack,
+         * syscall, first argument (futex address, descriptor) and state within KSTACK_REUSE_NS
+         * takes the same kernel path, and get_stackid is the dearest part of a switch. Without
+         * a Python stack, the place is unknown: always taken. */
+        u32 h = r ? r->ev.py.hash : 0;
+        if (depth && s->kc_kstack >= 0 && s->kc_hash == h && s->kc_depth == depth &&
+            s->kc_syscall == s->syscall && s->kc_arg0 == s->futex_uaddr && s->kc_state == st &&
+            now - s->kc_stamp < KSTACK_REUSE_NS) {
+            s->kstack = s->kc_kstack;
+        } else {
+            s->kstack = kstacks.get_stackid(ctx, 0);
+            if (s->kstack < 0)
+                count(C_KSTACK_ERR);
+            s->kc_kstack = depth ? s->kstack : -1;
+            s->kc_hash = h;
+            s->kc_depth = depth;
+            s->kc_syscall = s->syscall;
+            s->kc_arg0 = s->futex_uaddr;
+            s->kc_state = st;
+            s->kc_stamp = now;
+        }
+    }
     if (!r)
         return 0;
-    u32 depth = py_walk(tgid, SCRATCH_IRQ, &r->ev.py, r->frames);
     int same_stack = r->ev.py.hash == slot->ev.py.hash && depth == slot->ev.py.depth &&
                      r->ev.py.err == slot->ev.py.err;
     /* Short waits add up while the thread blocks in one place (Python stack, futex, state; the

@@ -3,7 +3,8 @@
 import importlib
 import sys
 
-BENCHMARKS = ["attach_overhead", "probe_overhead", "linker", "render", "ui", "agent_budget"]
+BENCHMARKS = ["attach_overhead", "probe_overhead", "walker_cost", "tick_cost", "agent_events",
+              "linker", "render", "ui", "agent_budget"]
 
 
 def main() -> None:

@@ -6,7 +6,11 @@ Each pair gives a throughput ratio (attached / not attached); we report the medi
 adjacent in time in one process, so machine noise mostly cancels.
 
     python -m bench.attach_overhead [--pairs 31] [--seconds 2] [--rate 100] [--threads 4]
-                                    [--probes cpu]
+                                    [--idle-threads 0] [--probes cpu] [--sampler auto|bpf|py-spy]
+                                    [--aa]
+
+The CLI runs with this checkout first on PYTHONPATH, so it profiles with the code benchmarked.
+The first attach's `stacks:` summary line is printed: it says which sampler really ran.
 """
 
 from __future__ import annotations
@@ -25,6 +29,12 @@ from pathlib import Path
 from bench.workloads import CPU_THREADS
 
 SPANFLAME = Path(sys.executable).parent / "spanflame"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env() -> dict:
+    """The environment for the spanflame CLI: this checkout's code before the installed one."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 class Target:
@@ -77,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=4, help="CPU-bound threads")
     ap.add_argument("--idle-threads", type=int, default=0, help="mostly waiting threads")
     ap.add_argument("--probes", default="cpu")
+    ap.add_argument("--sampler", default="auto", choices=("auto", "bpf", "py-spy"))
     ap.add_argument("--gil", action="store_true", help="attach --gil (what run does for "
                                                          "processes with many threads)")
     ap.add_argument("--warmup", type=float, default=None,
@@ -86,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="A/A run: both halves without a profiler, to show the noise floor")
     args = ap.parse_args(argv)
     if args.warmup is None:
-        args.warmup = 1.5 if set(args.probes.split(",")) <= {"cpu", "wall"} else 4.0
+        args.warmup = (1.5 if set(args.probes.split(",")) <= {"cpu", "wall"}
+                       and args.sampler == "py-spy" else 4.0)
     out = Path(tempfile.mkdtemp()) / "p.pb.gz"
     t = Target(args.threads, args.idle_threads)
     try:
@@ -95,17 +107,24 @@ def main(argv: list[str] | None = None) -> dict:
         def measure_idle() -> tuple[float, float]:
             return t.rate_during(lambda: time.sleep(args.seconds))
 
+        stacks_line: list[str] = []
+
         def measure_attached() -> tuple[float, float]:
-            # The window starts once the CLI is up and py-spy is sampling, and ends before it
-            # writes its output: it measures steady-state sampling, not start-up.
+            # The window starts once the CLI is up and sampling (probes loaded), and ends before
+            # it writes its output: it measures steady-state sampling, not start-up.
             prof = subprocess.Popen(
                 [str(SPANFLAME), "attach", str(t.pid), "--duration", str(args.seconds + args.warmup + 0.5),
-                 "--rate", str(args.rate), "--probes", args.probes, "-o", str(out),
-                 *(["--gil"] if args.gil else [])],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 "--rate", str(args.rate), "--probes", args.probes, "--sampler", args.sampler,
+                 "-o", str(out), *(["--gil"] if args.gil else [])],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env())
             time.sleep(args.warmup)
             r = t.rate_during(lambda: time.sleep(args.seconds))
-            prof.wait(timeout=120)
+            text, _ = prof.communicate(timeout=120)
+            if not stacks_line:
+                stacks_line.extend(ln.strip() for ln in text.splitlines()
+                                   if ln.strip().startswith(("stacks:", "probes:")))
+                print("attach says: " + (" | ".join(stacks_line) or text.strip()[-300:]),
+                      flush=True)
             return r
 
         if args.aa:
@@ -127,12 +146,16 @@ def main(argv: list[str] | None = None) -> dict:
     lo, hi = bootstrap_ci(ratios)
     summary = {"benchmark": "attach_overhead" + ("_aa" if args.aa else ""), "threads": args.threads,
                "idle_threads": args.idle_threads, "rate_hz": args.rate,
-               "probes": args.probes, "gil_only": args.gil, "pairs": args.pairs,
+               "probes": args.probes, "sampler": "none" if args.aa else args.sampler,
+               "gil_only": args.gil, "pairs": args.pairs,
                "seconds": args.seconds,
                "median_ratio": round(med, 4), "slowdown_pct": round((1 - med) * 100, 2),
                "min_ratio": round(min(ratios), 4), "max_ratio": round(max(ratios), 4),
                "median_ratio_ci95": [round(lo, 4), round(hi, 4)],
-               "median_ratio_per_cpu_s": round(statistics.median(cpu_ratios), 4)}
+               "median_ratio_per_cpu_s": round(statistics.median(cpu_ratios), 4),
+               "median_ratio_per_cpu_s_ci95": [round(x, 4) for x in bootstrap_ci(cpu_ratios)]}
+    if stacks_line:
+        summary["attach_says"] = stacks_line
     print(json.dumps(summary))
     return summary
 

@@ -1,4 +1,5 @@
-"""What the eBPF probes cost: per event, per captured event, in agent CPU, and to load.
+"""What the eBPF probes cost per kernel event (a C process's, so without a Python stack), and
+to load.
 
 Event generators are tiny C loops (bench/c/events.c, compiled here with gcc), so the per-event
 cost is not buried in interpreter noise. For each kind of event we run the loop in alternating
@@ -12,6 +13,12 @@ in the kernel), and with the loop's process a target (events captured). Reported
 * `empty_prog_added_ns`: the slowdown with an empty program on the same attach points: the
   floor that no probe code can go under.
 
+A C target is not one the kernel walker reads: "captured" here is the wait bookkeeping, kernel
+stack and record of an event without its Python stack. What the walker adds for Python targets
+is bench/walker_cost.py's; the agent's CPU per record is bench/agent_events.py's. (The futex
+rows of earlier versions are gone with the syscalls:sys_enter/exit_futex tracepoints they
+measured: the futex a thread blocks on is now read from its saved registers at sched_switch.)
+
     python -m bench.probe_overhead [--rounds 9] [--seconds 1.0]
 
 Needs root (BPF) and gcc.
@@ -22,12 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,11 +40,9 @@ from probes.session import ProbeSession
 HERE = Path(__file__).resolve().parent
 #: event kind -> (events.c mode args, probe watching it, probe events per loop iteration)
 KINDS = {
-    "futex (lock)": (["futex", "1"], "lock", 1),
     "sched_switch (offcpu)": (["switch"], "offcpu", 2),
     "tcp send+recv (net)": (["send"], "net", 2),
     "block io (io)": (["io"], "io", 1),
-    "other syscall": (["nop"], "lock", 1),
 }
 
 
@@ -53,11 +55,7 @@ def build_events() -> Path:
 
 def run_loop(binary: Path, args: list[str], seconds: float, session: ProbeSession | None,
              as_target: bool, tmpdir: Path) -> float:
-    argv = [str(binary), *args]
-    if args[0] == "futex":
-        argv += [str(seconds)]
-    else:
-        argv += [str(seconds)]
+    argv = [str(binary), *args, str(seconds)]
     if args[0] == "io":
         argv += [str(tmpdir / f"io-{os.getpid()}.bin")]
     p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -76,24 +74,17 @@ def run_loop(binary: Path, args: list[str], seconds: float, session: ProbeSessio
 
 #: event kind -> the programs that run for it (each event runs one of them, or, for futex and
 #: block io, each of them once: enter and exit, start and done)
-RUNS_PER_EVENT = {"futex (lock)": 2, "sched_switch (offcpu)": 1, "tcp send+recv (net)": 1,
-                  "block io (io)": 2, "other syscall": 1}
+RUNS_PER_EVENT = {"sched_switch (offcpu)": 1, "tcp send+recv (net)": 1, "block io (io)": 1}
 PROGRAMS = {
-    "futex (lock)": ("tracepoint__syscalls__sys_enter_futex", "tracepoint__syscalls__sys_exit_futex"),
     "sched_switch (offcpu)": ("raw_tracepoint__sched_switch",),
     "tcp send+recv (net)": ("tracepoint__sock__sock_send_length", "tracepoint__sock__sock_recv_length"),
-    "block io (io)": ("tracepoint__block__block_io_start", "tracepoint__block__block_io_done"),
-    "other syscall": (),
+    "block io (io)": ("tracepoint__block__block_io_start",),
 }
 EMPTY = {
-    "futex (lock)": "TRACEPOINT_PROBE(syscalls, sys_enter_futex) { return 0; }\n"
-                    "TRACEPOINT_PROBE(syscalls, sys_exit_futex) { return 0; }\n",
     "sched_switch (offcpu)": "RAW_TRACEPOINT_PROBE(sched_switch) { return 0; }\n",
     "tcp send+recv (net)": "TRACEPOINT_PROBE(sock, sock_send_length) { return 0; }\n"
                            "TRACEPOINT_PROBE(sock, sock_recv_length) { return 0; }\n",
-    "block io (io)": "TRACEPOINT_PROBE(block, block_io_start) { return 0; }\n"
-                     "TRACEPOINT_PROBE(block, block_io_done) { return 0; }\n",
-    "other syscall": "TRACEPOINT_PROBE(syscalls, sys_enter_futex) { return 0; }\n",
+    "block io (io)": "TRACEPOINT_PROBE(block, block_io_start) { return 0; }\n",
 }
 
 
@@ -166,43 +157,6 @@ def per_event_costs(binary: Path, rounds: int, seconds: float) -> dict:
     return results
 
 
-SLEEPERS = r'''
-import os, sys, threading, time
-def nap():
-    while True:
-        time.sleep(0.0012)
-for _ in range(int(sys.argv[1])):
-    threading.Thread(target=nap, daemon=True).start()
-print(os.getpid(), flush=True)
-time.sleep(3600)
-'''
-
-
-def agent_cpu_per_10k(seconds: float) -> dict:
-    """Agent CPU while the sched probe reports ~1 off-CPU wait per sleeper per 1.2 ms."""
-    script = Path(tempfile.mkdtemp()) / "sleepers.py"
-    script.write_text(SLEEPERS)
-    p = subprocess.Popen([sys.executable, str(script), "12"], stdout=subprocess.PIPE, text=True)
-    pid = int(p.stdout.readline())
-    try:
-        with ProbeSession(["offcpu"], offcpu_min_ns=1_000_000) as s:
-            s.start([pid])
-            r0 = resource.getrusage(resource.RUSAGE_SELF)
-            t0 = time.monotonic()
-            time.sleep(seconds)
-            r1 = resource.getrusage(resource.RUSAGE_SELF)
-            t1 = time.monotonic()
-            data = s.close()
-    finally:
-        p.kill()
-        p.wait()
-    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    events = len(data.runs)
-    rate = events / (t1 - t0)
-    return {"events_per_s": round(rate), "agent_cpu_pct": round(100 * cpu / (t1 - t0), 2),
-            "agent_cpu_pct_per_10k_events_per_s": round(100 * cpu / (t1 - t0) / rate * 10_000, 2)}
-
-
 def load_time(runs: int = 3) -> dict:
     times = []
     for _ in range(runs):
@@ -225,8 +179,6 @@ def main(argv: list[str] | None = None) -> dict:
     summary["load"] = load_time()
     print(json.dumps(summary["load"]), flush=True)
     summary["per_event"] = per_event_costs(binary, args.rounds, args.seconds)
-    summary["agent_cpu"] = agent_cpu_per_10k(10.0)
-    print(json.dumps(summary["agent_cpu"]), flush=True)
     print(json.dumps(summary))
     return summary
 

@@ -6,6 +6,7 @@
  *   events switch SECONDS      two threads ping-pong over pipes: two context switches a round
  *   events send SECONDS        send()+recv() of 64 bytes over a loopback TCP connection
  *   events nop SECONDS         getppid(): a syscall no probe watches (for the syscalls:* cost)
+ *   events spin SECONDS        a loop in user space, no syscalls: CPU ticks that land in user mode
  *
  *   events io SECONDS PATH      4 KiB O_DIRECT writes to PATH (one block request each)
  *
@@ -67,7 +68,8 @@ static void *pong(void *arg) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: events futex N SECONDS | switch SECONDS | send SECONDS | nop SECONDS\n");
+        fprintf(stderr, "usage: events futex N SECONDS | switch SECONDS | send SECONDS | nop SECONDS "
+                        "| spin SECONDS | io SECONDS PATH\n");
         return 2;
     }
     const char *mode = argv[1];
@@ -151,6 +153,15 @@ int main(int argc, char **argv) {
         t1 = now_ns();
         close(fd);
         unlink(argv[3]);
+    } else if (!strcmp(mode, "spin")) {
+        volatile uint64_t x = 0;
+        t0 = now_ns();
+        end = t0 + (uint64_t)(seconds * 1e9);
+        do {
+            for (int i = 0; i < 100000; i++) x += i;
+            iters += 100000;
+        } while (now_ns() < end);
+        t1 = now_ns();
     } else if (!strcmp(mode, "nop")) {
         t0 = now_ns();
         end = t0 + (uint64_t)(seconds * 1e9);

@@ -73,6 +73,20 @@ def build_apps(agent) -> tuple[Starlette, Starlette]:
                                  "store": str(agent.store.dir)})
         return JSONResponse(agent.health())
 
+    async def readyz(request: Request) -> Response:
+        """Readiness: 503 with the reasons while new work would be refused (ingest queue or
+        in-flight requests at their cap); /healthz (liveness) stays 200 meanwhile."""
+        reasons = []
+        if ingest is not None and ingest.admission.full:
+            reasons.append(f"ingest queue full ({ingest.admission.admitted} requests)")
+        guard = getattr(request.app.state, "http_guard", None)
+        if guard is not None and guard.inflight >= guard.limits.max_inflight:
+            reasons.append(f"{guard.inflight} requests in progress, the limit")
+        if reasons:
+            return JSONResponse({"status": "overloaded", "reasons": reasons}, status_code=503,
+                                headers={"retry-after": "1"})
+        return JSONResponse({"status": "ready"})
+
     async def metrics(request: Request) -> Response:
         return Response(m.render(), media_type="text/plain; version=0.0.4")
 
@@ -120,6 +134,7 @@ def build_apps(agent) -> tuple[Starlette, Starlette]:
 
     routes = [
         Route("/healthz", healthz),
+        Route("/readyz", readyz),
         Route("/metrics", metrics),
         Route("/api/profile", api_profile),
         Route("/api/spans", api_spans),
@@ -130,6 +145,7 @@ def build_apps(agent) -> tuple[Starlette, Starlette]:
     middleware = []
     if agent.opts.auth_token:
         middleware.append(Middleware(TokenAuth, token=agent.opts.auth_token))
+    ingest = None
     if read_only:  # `spanflame serve`: no ingest, no OTLP
         return Starlette(routes=routes, middleware=middleware), None
     ingest = PyroscopeIngest(agent.ingest, metrics=m,
@@ -157,7 +173,7 @@ def _span_json(r: dict) -> dict:
 
 #: Paths served without the bearer token: the shell and its assets carry no data.
 def public_path(path: str) -> bool:
-    return (path in ("/", "/explore", "/spans", "/flamegraph", "/healthz")
+    return (path in ("/", "/explore", "/spans", "/flamegraph", "/healthz", "/readyz")
             or path.startswith("/static/") or path.startswith("/trace/"))
 
 

@@ -28,18 +28,22 @@ class Overloaded(Exception):
 
 class Admission:
     """At most `max_requests` requests admitted at once (reading their body, waiting for a
-    worker or being worked on), `workers` of them worked on at a time.
+    worker or being worked on), holding at most `max_bytes` of bodies between them (each
+    counted at its Content-Length, or at the body limit when it has none), `workers` of them
+    worked on at a time.
 
     `slot()` and `run()` are called on the event loop; the work runs on the pool's threads.
     `gauge` (a prometheus Gauge, optional) follows the number admitted.
     """
 
     def __init__(self, max_requests: int = 4, workers: int = 1, *, name: str = "ingest",
-                 gauge=None) -> None:
+                 gauge=None, max_bytes: int | None = None) -> None:
         self.max_requests = max_requests
+        self.max_bytes = max_bytes
         self.workers = workers
         self.name = name
         self.admitted = 0
+        self.admitted_bytes = 0
         self.refused = 0
         self.gauge = gauge
         #: moving average of one request's work, for Retry-After
@@ -56,18 +60,27 @@ class Admission:
         return max(1, min(60, math.ceil(self.admitted * self.avg_work_s / self.workers)))
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self, cost_bytes: int = 0) -> AsyncIterator[None]:
+        """Admit one request whose body may take `cost_bytes`, or raise Overloaded."""
         if self.full:
             self.refused += 1
             raise Overloaded(self.retry_after_s(),
                              f"{self.name} busy: {self.admitted} requests in progress, the "
                              f"limit; retry later")
+        if (self.max_bytes is not None and self.admitted
+                and self.admitted_bytes + cost_bytes > self.max_bytes):
+            self.refused += 1
+            raise Overloaded(self.retry_after_s(),
+                             f"{self.name} busy: {self.admitted_bytes} bytes of requests in "
+                             f"progress, the limit is {self.max_bytes}; retry later")
         self.admitted += 1
+        self.admitted_bytes += cost_bytes
         self._set_gauge()
         try:
             yield
         finally:
             self.admitted -= 1
+            self.admitted_bytes -= cost_bytes
             self._set_gauge()
 
     async def run(self, fn: Callable[..., T], *args, **kwargs) -> T:

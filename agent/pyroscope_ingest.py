@@ -45,7 +45,10 @@ log = logging.getLogger(__name__)
 #: Requests admitted at once (reading a body, waiting, or being decoded and stored), and how
 #: many are decoded at a time. One at a time: decoding is CPU work under the GIL, and each
 #: admitted request holds at most MAX_BODY, so the queue bounds memory too.
-ADMITTED = 4
+#: Requests admitted at once, and the bodies they may hold between them: what an ingest burst
+#: can cost in memory is ADMITTED_BYTES of bodies plus one request being decoded (WORKERS).
+ADMITTED = 16
+ADMITTED_BYTES = 32 * 1024 * 1024
 WORKERS = 1
 
 _CONNECT_CODES = {400: "invalid_argument", 408: "deadline_exceeded", 413: "resource_exhausted",
@@ -72,7 +75,7 @@ class PyroscopeIngest:
         self.max_decoded = max_decoded
         self.retention_s = retention_s
         self.admission = admission or Admission(
-            ADMITTED, WORKERS, name="ingest",
+            ADMITTED, WORKERS, name="ingest", max_bytes=ADMITTED_BYTES,
             gauge=metrics.ingest_queue if metrics is not None else None)
 
     def routes(self) -> list[Route]:
@@ -90,6 +93,13 @@ class PyroscopeIngest:
             if truncated:
                 self.metrics.ingest_truncated.inc(truncated)
 
+    def _cost(self, request: Request) -> int:
+        """What the request's body may take: its Content-Length, or the limit."""
+        try:
+            return max(0, min(int(request.headers.get("content-length", "")), self.max_body))
+        except ValueError:
+            return self.max_body
+
     def _store(self, items: list[tuple[Profile, str, dict]]) -> None:
         for prof, service, labels in items:
             self.sink(prof, service, labels)
@@ -100,7 +110,7 @@ class PyroscopeIngest:
             if ctype not in _PROTO_TYPES:
                 raise BodyError(415, f"unsupported Content-Type {ctype[:80]!r}: use "
                                      "application/proto or application/json")
-            async with self.admission.slot():
+            async with self.admission.slot(self._cost(request)):
                 body = await read_body(request, self.max_body)
                 items, truncated = await self.admission.run(self._push, body, ctype,
                                                             request.headers.get("content-encoding"))
@@ -151,7 +161,7 @@ class PyroscopeIngest:
             labels = {"service_name": service, **tags}
             if q.get("spyName"):
                 labels["spy_name"] = clip(q["spyName"])
-            async with self.admission.slot():
+            async with self.admission.slot(self._cost(request)):
                 body = await read_body(request, self.max_body)
                 truncated = await self.admission.run(
                     self._ingest, body, request.headers.get("content-encoding"), fmt,

@@ -23,7 +23,6 @@ import logging
 import os
 import resource
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,9 +41,6 @@ from agent.store import Store
 from agent.timeline import PiecewiseCpu
 
 log = logging.getLogger(__name__)
-
-#: sys.setswitchinterval for the agent (seconds)
-SWITCH_INTERVAL_S = 0.0005
 
 PROBE_TYPES = {"cpu": ("cpu",), "wall": ("wall",), "offcpu": ("off_cpu",),
                "lock": ("lock_wait", "gil_wait"), "io": ("io_wait", "io"),
@@ -316,10 +312,6 @@ class Agent:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> "Agent":
-        # The event loops (API, OTLP) share the GIL with CPU-bound threads (ingest decoding,
-        # linking): a short switch interval bounds how long a request waits for it (the
-        # default 5 ms, paid several times per request, delays /healthz by tens of ms).
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
         from agent.server import build_apps
 
         self.started_ns = time.time_ns()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import itertools
 import gzip
 import json
 import random
@@ -20,6 +21,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import httpx
 
@@ -394,13 +396,15 @@ def fuzz_case(rnd: random.Random, i: int, now_s: float) -> Case:
                 server="otlp")
 
 
-def cases(seed: int, n: int, *, now_s: float | None = None) -> list[Case]:
-    """The reproductions, then fuzzed requests up to `n` in all; the same for the same seed."""
+def cases(seed: int, n: int, *, now_s: float | None = None) -> Iterator[Case]:
+    """The reproductions, then fuzzed requests up to `n` in all; the same for the same seed.
+    Lazy: a long run never holds every body at once."""
     now_s = time.time() if now_s is None else now_s
     rnd = random.Random(seed)
-    out = reproductions(now_s)
-    out += [fuzz_case(rnd, i, now_s) for i in range(max(0, n - len(out)))]
-    return out
+    first = reproductions(now_s)
+    yield from first
+    for i in range(max(0, n - len(first))):
+        yield fuzz_case(rnd, i, now_s)
 
 
 @dataclass
@@ -426,23 +430,13 @@ class Report:
                 f"{len(self.health_failures)} failed, slowest {self.health_worst_s * 1000:.0f} ms")
 
 
-async def _run(agent: Agent, todo: list[Case], concurrency: int) -> Report:
+async def _run(agent: Agent, todo: Iterable[Case], concurrency: int) -> Report:
     rep = Report()
     base = {"main": agent.url, "otlp": agent.otlp_url}
     done = asyncio.Event()
 
-    def queue_of(items: list[Case]) -> asyncio.Queue:
-        q: asyncio.Queue = asyncio.Queue()
-        for c in items:
-            q.put_nowait(c)
-        return q
-
-    async def worker(client: httpx.AsyncClient, queue: asyncio.Queue) -> None:
-        while True:
-            try:
-                c = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
+    async def worker(client: httpx.AsyncClient, queue: Iterator[Case]) -> None:
+        for c in queue:  # one iterator shared by the workers (one thread: no lock needed)
             t0 = time.monotonic()
             try:
                 r = await client.request(c.method, base[c.server] + c.path, headers=c.headers,
@@ -486,8 +480,15 @@ async def _run(agent: Agent, todo: list[Case], concurrency: int) -> Report:
             httpx.AsyncClient() as hclient:
         h = asyncio.create_task(health(hclient))
         # reproductions first and in order (the flame graph case reads what the deep push wrote)
-        await worker(client, queue_of([c for c in todo if c.expect is not None]))
-        rest = queue_of([c for c in todo if c.expect is None])
+        todo = iter(todo)
+        first: list[Case] = []
+        c = None
+        for c in todo:  # the reproductions lead, in order
+            if c.expect is None:
+                break
+            first.append(c)
+        await worker(client, iter(first))
+        rest = itertools.chain([c] if c is not None and c.expect is None else [], todo)
         await asyncio.gather(*(worker(client, rest) for _ in range(concurrency)))
         done.set()
         await h
@@ -495,7 +496,7 @@ async def _run(agent: Agent, todo: list[Case], concurrency: int) -> Report:
     return rep
 
 
-def fuzz(agent: Agent, todo: list[Case], concurrency: int = 6) -> Report:
+def fuzz(agent: Agent, todo: Iterable[Case], concurrency: int = 6) -> Report:
     return asyncio.run(_run(agent, todo, concurrency))
 
 

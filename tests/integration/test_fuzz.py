@@ -27,7 +27,7 @@ def test_fuzz_every_route(agent):
     now = time.time()
     hostile.seed_baseline(agent, now)
     before = hostile.baseline_snapshot(agent, now)
-    todo = hostile.cases(SEED, CASES, now_s=now)
+    todo = list(hostile.cases(SEED, CASES, now_s=now))
     assert len(todo) >= 2000
     rep = hostile.fuzz(agent, todo)
     print(rep.summary())

@@ -62,7 +62,9 @@ class HttpLimits:
     - `body_idle_s`: a request body that sends nothing for this long is closed (a body shorter
       than its Content-Length holds the connection this long, no more); `body_total_s` bounds
       the whole body however it trickles.
-    - `idle_s`: a keep-alive connection between requests (uvicorn's timeout_keep_alive).
+    - `idle_s`: a keep-alive connection between requests (uvicorn's timeout_keep_alive); longer
+      than the pyroscope clients' 10 s and the OTel exporter's 5 s between sends, so that a
+      client's next request does not race the server closing the connection.
     - `send_timeout_s`: a client that reads nothing of its response for this long is closed.
     - `max_connections`: at the cap, a new connection first evicts the oldest connection that
       is idle or still sending headers; when every connection is busy with a request it is
@@ -74,7 +76,7 @@ class HttpLimits:
     header_timeout_s: float = 10.0
     body_idle_s: float = 10.0
     body_total_s: float = 60.0
-    idle_s: int = 15
+    idle_s: int = 30
     send_timeout_s: float = 30.0
     max_connections: int = 512
     max_inflight: int = 128
@@ -183,10 +185,16 @@ def guarded_protocol(base: type, guard: ConnectionGuard) -> type:
             """Move to the phase the request's state says, arming its timer."""
             cycle = self.cycle
             if cycle is None or cycle.response_complete:
-                if self.timeout_keep_alive_task is not None:  # waiting for the next request
+                between = (cycle is not None and self.conn.their_state is h11.IDLE
+                           and not self.conn.trailing_data[0])
+                if between:  # waiting for the next request
                     if self.phase != "idle":
                         self.phase = "idle"
                         self._disarm()
+                        if self.timeout_keep_alive_task is None:
+                            # uvicorn arms its keep-alive timer when a response ends; not when
+                            # the rest of a body the handler did not read arrives after it
+                            self._arm(limits.idle_s, "idle_timeout")
                 elif self.phase != "header":  # part of the next request's headers arrived
                     self.phase = "header"
                     self._arm(limits.header_timeout_s, "header_timeout")

@@ -33,7 +33,11 @@ def make_app(gate: asyncio.Event | None = None) -> Starlette:
         await asyncio.sleep(1.5)
         return PlainTextResponse("done\n")
 
+    async def refuse(request: Request):  # answers without reading the body
+        return PlainTextResponse("no\n", status_code=415)
+
     return Starlette(routes=[Route("/healthz", healthz), Route("/slow", slow),
+                             Route("/refuse", refuse, methods=["POST"]),
                              Route("/upload", upload, methods=["POST"])])
 
 
@@ -49,6 +53,18 @@ def server(request):
 def connect(s: ServerThread) -> socket.socket:
     c = socket.create_connection((s.host, s.port), timeout=10)
     return c
+
+
+def response(c: socket.socket) -> bytes:
+    """One whole response (by its Content-Length) read from `c`."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += c.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        body += c.recv(4096)
+    return head + b"\r\n\r\n" + body
 
 
 def closed_within(c: socket.socket, most_s: float) -> float:
@@ -93,6 +109,18 @@ def test_a_trickled_body_is_bounded_by_the_total_body_time(server):
             c.sendall(b"x")
             time.sleep(0.5)
     assert time.monotonic() - t0 < 5
+
+
+def test_a_connection_whose_body_was_refused_unread_stays_open_for_the_idle_time(server):
+    c = connect(server)
+    c.sendall(b"POST /refuse HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+    assert response(c).startswith(b"HTTP/1.1 415")
+    c.sendall(b"x" * 5000)  # the rest arrives after the answer
+    time.sleep(1.5)  # past the header timeout (1 s), inside the idle time (2 s)
+    c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert response(c).startswith(b"HTTP/1.1 200")
+    assert closed_within(c, 5) < 3  # and then the idle time closes it
+    assert server.guard.closed.get("header_timeout", 0) == 0
 
 
 def test_300_slow_connections_do_not_stop_healthz(server):

@@ -199,6 +199,14 @@ def reproductions(now_s: float | None = None) -> list[Case]:
                     "/ingest?name=fuzz-t&format=pprof", body=late, expect=(400, 400)))
     out.append(Case("pprof time+duration >= 2^63 (push)", "POST", "/push.v1.PusherService/Push",
                     PROTO, push_body([(late, {"service_name": "fuzz-t"})]), expect=(400, 400)))
+    now_ns = int(now_s * 1e9)
+    ends_past = pprof_bytes(cpu_profile(["a", "b"], 10**7), time_nanos=now_ns - 10**10,
+                            duration_nanos=2**63 - now_ns + 10**10)
+    out.append(Case("pprof now + duration to 2^63 (ingest)", "POST",
+                    "/ingest?name=fuzz-t&format=pprof", body=ends_past, expect=(400, 400)))
+    out.append(Case("pprof now + duration to 2^63 (push)", "POST", "/push.v1.PusherService/Push",
+                    PROTO, push_body([(ends_past, {"service_name": "fuzz-t"})]),
+                    expect=(400, 400)))
     huge = pprof_bytes(cpu_profile(["a", "b"], 1), values=[2**63 - 1])
     out.append(Case("pprof value 2^63-1 (push)", "POST", "/push.v1.PusherService/Push", PROTO,
                     push_body([(huge, {"service_name": "fuzz-v"})]), expect=(400, 400)))

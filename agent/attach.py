@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace, dataclass, field
 from typing import Callable
 
 from agent.aggregate import (add_counts, add_pieces, fill_sample_counts, new_profile,
@@ -117,7 +117,9 @@ class AttachResult:
 
 def attach(options: AttachOptions, *, progress: Callable[[float], None] | None = None,
            stop: threading.Event | None = None,
-           on_listen: Callable[[str], None] | None = None) -> AttachResult:
+           on_listen: Callable[[str], None] | None = None,
+           on_wait: Callable[[str], None] | None = None,
+           spawn: Callable[[], int] | None = None) -> AttachResult:
     """Profile `options.pid` for `options.duration_s` seconds (less if it exits or `stop` is set).
 
     `progress` is called with the elapsed fraction about ten times a second; `on_listen` with the
@@ -125,11 +127,16 @@ def attach(options: AttachOptions, *, progress: Callable[[float], None] | None =
     cannot be profiled, SamplerError when py-spy fails, SpanflameError when the OTLP address
     cannot be bound.
     """
-    check_target(options.pid)
+    if spawn is None:
+        check_target(options.pid)
+    elif options.sampler == "py-spy":  # nothing to load first: start it now
+        options = replace(options, pid=spawn())
+        _wait_interpreter(options.pid)
     stop = stop or threading.Event()
     receiver = None
     if options.otlp_listen:
         receiver = _SpanReceiver(options.otlp_listen)
+        receiver.on_wait = on_wait
         if on_listen is not None:
             on_listen(receiver.url)
     session = None
@@ -143,7 +150,15 @@ def attach(options: AttachOptions, *, progress: Callable[[float], None] | None =
             session = ProbeSession(bpf + ["cpu"], rate_hz=options.rate_hz,
                                    offcpu_min_ns=options.offcpu_threshold_ns,
                                    drain_interval_s=0.05)
-            session.start([options.pid])
+            if spawn is not None:  # `record`: the probes are ready before the command starts
+                session.start([])
+                options = replace(options, pid=spawn())
+                _wait_interpreter(options.pid)
+                if session.loaded:
+                    session.add_target(options.pid)
+                check_target(options.pid)
+            else:
+                session.start([options.pid])
             if session.loaded and session.walker.get(options.pid) is None:
                 result = _attach_kernel(options, session, receiver, progress, stop)
                 result.sampler = "bpf"
@@ -216,7 +231,7 @@ def _attach_kernel(options: AttachOptions, session, receiver, progress, stop) ->
     end_ns = data.end_ns
     exited = not _alive(pid)
     if receiver is not None:
-        receiver.linger(options.span_wait_s)
+        receiver.linger(options.span_wait_s, pid=pid, end_ns=end_ns)
     types = []
     for p in options.probes:
         if p in ("cpu", "wall") or p in session.active:
@@ -272,6 +287,24 @@ def _attach_kernel(options: AttachOptions, session, receiver, progress, stop) ->
     return result
 
 
+def _wait_interpreter(pid: int, timeout_s: float = 5.0) -> None:
+    """A command just started: wait until its interpreter can be read (its runtime and first
+    thread state exist), at most `timeout_s`; readers that start earlier see no Python."""
+    from probes import pyprocess
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _alive(pid):
+        try:
+            pyprocess.inspect(pid)
+            return
+        except pyprocess.Unsupported as exc:
+            if not any(k in exc.reason for k in ("not a CPython", "unexpected memory",
+                                                 "cannot find where")):  # (not yet)
+                return  # an interpreter the walker does not read: py-spy takes it
+        except Exception:  # not initialised yet (or not Python yet: before exec)
+            pass
+        time.sleep(0.005)
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -312,19 +345,42 @@ class _SpanReceiver:
         host, port = parse_listen(listen)
         self.server = ServerThread(app, host, port, name="otlp").start()
         self.url = self.server.url
+        #: pid -> the latest end time of its spans received so far
+        self.latest_end: dict[int, int] = {}
+        self.store.on_add(self._on_add)
+        #: called with a message when lingering for spans takes a while
+        self.on_wait: Callable[[str], None] | None = None
 
-    def linger(self, quiet_s: float, max_s: float = 30.0) -> None:
-        """Spans arrive after their samples (batch exporters send every few seconds): wait until
-        none arrived for `quiet_s`, at most `max_s`."""
+    def _on_add(self, spans) -> None:
+        for sp in spans:
+            if sp.end_ns > self.latest_end.get(sp.pid, 0):
+                self.latest_end[sp.pid] = sp.end_ns
+
+    def linger(self, quiet_s: float, max_s: float = 30.0, *, pid: int = 0,
+               end_ns: int = 0) -> float:
+        """Spans arrive after their samples (batch exporters send every few seconds). An SDK
+        exporter sends spans in the order they ended, so once a span of `pid` that ended after
+        `end_ns` (the end of the recording) has arrived, every span that ended within the
+        recording has too: stop then. Otherwise wait until none arrived for `quiet_s` (an app
+        that sends no spans, or has exited), at most `max_s`. Returns the seconds waited."""
         t0 = last_change = time.monotonic()
         seen = self.store.received
+        said = False
         while time.monotonic() - t0 < max_s:
+            if pid and end_ns and self.latest_end.get(pid, 0) >= end_ns:
+                time.sleep(0.2)  # the rest of that export request's batch
+                break
             time.sleep(0.1)
             now = time.monotonic()
             if self.store.received != seen:
                 seen, last_change = self.store.received, now
             elif now - last_change >= quiet_s:
-                return
+                break
+            if not said and self.on_wait is not None and now - t0 >= 1.0:
+                said = True
+                self.on_wait(f"waiting for the app's spans that ended while recording "
+                        f"(up to {max_s - (now - t0):.0f} s more)")
+        return time.monotonic() - t0
 
     def close(self) -> None:
         self.server.close()
@@ -415,7 +471,7 @@ def _attach_timeline(options: AttachOptions, session, receiver, progress, stop) 
         if bpf_on:
             data = session.close()
     if receiver is not None:
-        receiver.linger(options.span_wait_s)
+        receiver.linger(options.span_wait_s, pid=options.pid, end_ns=time.time_ns())
     clock_errors = _calibrate(recordings, pid, options.rate_hz, data,
                               receiver.store if receiver is not None else None)
     first = next(iter(recordings.values()))
@@ -468,8 +524,12 @@ def _attach_timeline(options: AttachOptions, session, receiver, progress, stop) 
         waits = None
     fill_sample_counts(profile)
     if clock_errors:
-        notes.append("py-spy clock corrected by " + ", ".join(
-            f"{-e / 1e6:+.2f} ms" for e in clock_errors.values()) + " (from exact events)")
+        # Only worth a word when large: py-spy's clock is matched to the kernel's exact events.
+        worst = max(abs(e) for e in clock_errors.values())
+        if worst > 20e6:
+            notes.append(f"py-spy's timestamps were off by up to {worst / 1e6:.0f} ms and were "
+                         "matched to the kernel's exact events; waits shorter than that may sit "
+                         "on a neighbouring stack")
     result = AttachResult(
         profile=profile, recording=first, elapsed_s=elapsed,
         source=("py-spy timeline (all threads) + eBPF " + ",".join(session.active)) if bpf_on

@@ -20,22 +20,43 @@ def _fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             invoke_without_command=True,
+             epilog="""\b
+Examples:
+  spanflame attach 4242 -d 30 -o app.html    profile a running process for 30 s
+  spanflame render app.pb.gz -o app.html     a pprof file to a flame graph
+  spanflame record -- python app.py          profile a command until it exits
+  spanflame dump 4242                        every thread's Python stack, once
+  spanflame run                              the node agent, UI on http://127.0.0.1:4040
+  spanflame doctor                           what this machine lets spanflame do
+""")
 @click.version_option(__version__, prog_name="spanflame")
 @click.option("-v", "--verbose", is_flag=True, help="Log what the agent does (to stderr).")
-def cli(verbose: bool) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
     """spanflame: why was this span slow, on CPU and off it."""
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+        ctx.exit(0)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 # -- attach ---------------------------------------------------------------------------------
 
-@cli.command()
+@cli.command(epilog="""\b
+Examples:
+  spanflame attach 4242                       10 s of CPU, written to spanflame-4242-<time>.pb.gz
+  spanflame attach 4242 -d 30 -o app.html     a flame graph to open in a browser
+  spanflame attach 4242 --probes all          CPU plus off-CPU, lock, GIL, IO and network waits
+  spanflame attach 4242 --otlp-listen 127.0.0.1:4318 --spans-output spans.json
+                                              each span's time split into its causes
+""")
 @click.argument("pid", type=int)
-@click.option("--duration", type=float, default=10.0, show_default=True, metavar="SECONDS",
+@click.option("-d", "--duration", type=float, default=10.0, show_default=True, metavar="SECONDS",
               help="How long to record; stops early (and still writes) when the target exits.")
-@click.option("--rate", type=int, default=100, show_default=True, metavar="HZ",
+@click.option("-r", "--rate", type=int, default=100, show_default=True, metavar="HZ",
               help="CPU samples per second (per CPU for the kernel walker; py-spy's rate).")
 @click.option("--sampler", type=click.Choice(["auto", "bpf", "py-spy"]), default="auto",
               show_default=True, envvar="SPANFLAME_SAMPLER", show_envvar=True,
@@ -67,6 +88,16 @@ def attach(pid: int, duration: float, rate: int, sampler: str, output: str | Non
            offcpu_threshold: float, otlp_listen: str | None, span_wait: float,
            gil_only: bool, spans_output: str | None) -> None:
     """Profile the running Python process PID."""
+    _profile(pid, None, duration, rate, sampler, output, probes, offcpu_threshold, otlp_listen,
+             span_wait, gil_only, spans_output)
+
+
+def _profile(pid: int, command: list[str] | None, duration: float, rate: int, sampler: str,
+             output: str | None, probes: str, offcpu_threshold: float, otlp_listen: str | None,
+             span_wait: float, gil_only: bool, spans_output: str | None) -> None:
+    """attach (pid) or record (command): the options, the progress, the output, the summary."""
+    import subprocess
+
     from agent.attach import AttachOptions, attach as run_attach, parse_probes
     from agent.output import check_writable, write_profile
 
@@ -76,7 +107,8 @@ def attach(pid: int, duration: float, rate: int, sampler: str, output: str | Non
                             otlp_listen=otlp_listen, span_wait_s=span_wait, gil_only=gil_only,
                             sampler=sampler)
     if output is None:
-        output = f"spanflame-{pid}-{time.strftime('%Y%m%dT%H%M%S')}.pb.gz"
+        name = pid if command is None else Path(command[0]).name.removesuffix(".py")
+        output = f"spanflame-{name}-{time.strftime('%Y%m%dT%H%M%S')}.pb.gz"
     check_writable(output)
     if spans_output:
         if not otlp_listen:
@@ -84,21 +116,31 @@ def attach(pid: int, duration: float, rate: int, sampler: str, output: str | Non
         from agent.output import check_writable_json
         check_writable_json(spans_output)
 
+    child: list = []
+
+    def spawn() -> int:
+        try:
+            child.append(subprocess.Popen(command))
+        except OSError as exc:
+            raise UsageError(f"cannot run {command[0]}: {exc.strerror or exc}") from None
+        return child[0].pid
+
     progress = None
     bar = None
     started = [False]
+    what = f"PID {pid}" if command is None else " ".join(command)[:60]
 
     def announce(_frac: float) -> None:
         # With spans coming in, say when samples start: the app's spans before that are
         # received but have no samples.
         if not started[0]:
             started[0] = True
-            click.echo(f"spanflame: recording PID {pid}", err=True)
+            click.echo(f"spanflame: recording {what}", err=True)
 
-    if not sys.stderr.isatty():
-        progress = announce if otlp_listen else None
+    if command is not None or not sys.stderr.isatty():
+        progress = announce if (otlp_listen or command is not None) else None
     else:
-        bar = click.progressbar(length=1000, label=f"profiling PID {pid}", file=sys.stderr,
+        bar = click.progressbar(length=1000, label=f"profiling {what}", file=sys.stderr,
                                 show_eta=True, width=30)
         bar.__enter__()
         done = [0]
@@ -108,21 +150,76 @@ def attach(pid: int, duration: float, rate: int, sampler: str, output: str | Non
             if step > 0:
                 bar.update(step)
                 done[0] += step
+
     def on_listen(url: str) -> None:
         click.echo(f"spanflame: receiving spans at {url}/v1/traces", err=True)
 
     try:
-        result = run_attach(options, progress=progress, on_listen=on_listen)
+        result = run_attach(options, progress=progress, on_listen=on_listen,
+                            on_wait=lambda msg: click.echo(f"\nspanflame: {msg}", err=True),
+                            spawn=spawn if command is not None else None)
+    except BaseException:
+        if child and child[0].poll() is None:  # a command we started must not outlive us
+            child[0].terminate()
+        raise
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
-    size = write_profile(result.profile, output, title=_title(pid),
-                         subtitle=_subtitle(result))
+    if child:
+        pid = child[0].pid
+        # A recorded command is expected to exit: that ends the recording, nothing is partial.
+        result.notes = [n for n in result.notes if not n.startswith("target exited after")]
+    size = write_profile(result.profile, output, title=_title(pid) if not command
+                         else " ".join(command)[:200], subtitle=_subtitle(result))
     if spans_output:
         from agent.output import write_atomic
         doc = {"pid": pid, "spans": [b.to_dict() for b in result.span_breakdowns]}
         write_atomic(spans_output, json.dumps(doc, indent=1).encode())
     _summary(result, output, size)
+    if child:
+        rc = child[0].poll()
+        if rc is None:
+            click.echo(f"  {what}: still running after the recording (PID {pid})")
+        else:
+            click.echo(f"  {what}: exited with status {rc}")
+
+
+def _record(command: tuple[str, ...], duration: float | None, rate: int, sampler: str,
+            output: str | None, probes: str, offcpu_threshold: float, otlp_listen: str | None,
+            span_wait: float, gil_only: bool, spans_output: str | None) -> None:
+    """Start COMMAND and profile it until it exits (or for --duration)."""
+    if not command:
+        raise UsageError("record needs a command to run: spanflame record -- python app.py")
+    _profile(0, list(command), duration or 366 * 86400.0, rate, sampler, output, probes,
+             offcpu_threshold, otlp_listen, span_wait, gil_only, spans_output)
+
+
+def _record_command() -> click.Command:
+    """`record` takes attach's options, a command instead of a PID, and records until the
+    command exits unless --duration says otherwise."""
+    params = []
+    for p in attach.params:
+        if p.name == "pid":
+            continue
+        if p.name == "duration":
+            p = click.Option(["-d", "--duration"], type=float, default=None, metavar="SECONDS",
+                             help="Stop recording after this long (the command keeps running); "
+                                  "default: until the command exits.")
+        params.append(p)
+    params.append(click.Argument(["command"], nargs=-1, required=True, metavar="-- COMMAND..."))
+    return click.Command(
+        "record", callback=_record, params=params,
+        help="Start COMMAND and profile it until it exits, like py-spy record. The probes are "
+             "loaded before the command starts, so its first second is recorded too.",
+        epilog="""\b
+Examples:
+  spanflame record -- python app.py --port 8000       until it exits
+  spanflame record -o run.html --probes all -- python batch.py
+  spanflame record -d 30 -- gunicorn app:app         the first 30 s
+""", context_settings={"help_option_names": ["-h", "--help"]})
+
+
+cli.add_command(_record_command())
 
 
 def _title(pid: int) -> str:
@@ -148,8 +245,10 @@ def _summary(result, output: str, size: int) -> None:
     for note in result.notes:
         click.echo(f"spanflame: note: {note}", err=True)
     click.echo(f"wrote {output} ({_human_bytes(size)})")
+    click.echo(f"  open it: {_next_step(output)}")
     samples = p.total("samples") if p.has_type("samples") else 0
-    errors = f", {result.sample_errors} errors" if result.sample_errors else ""
+    errors = (f", {result.sample_errors} of them unreadable (the target was changing its stack"
+              " as it was read; not counted)") if result.sample_errors else ""
     click.echo(f"  {result.elapsed_s:.1f} s, {samples} samples, {result.threads} threads "
                f"({result.samples_taken} taken by {result.sampler}{errors})")
     click.echo(f"  stacks: {result.source}"
@@ -196,6 +295,21 @@ def _summary(result, output: str, size: int) -> None:
         for f in top:
             where = f"{Path(f.filename).name}:{f.line}" if f.filename else ""
             click.echo(f"    {100 * f.self_value / total:5.1f}%  {f.name}  {where}")
+
+
+def _next_step(output: str) -> str:
+    """How to look at what was just written, by its format."""
+    from agent.output import output_format
+    fmt = output_format(output)
+    if fmt == "html":
+        return f"in a browser (file://{os.path.abspath(output)})"
+    if fmt == "speedscope":
+        return f"drop {output} on https://www.speedscope.app (it stays in your browser)"
+    if fmt.startswith("pprof"):
+        base = output.removesuffix(".gz").removesuffix(".pb")
+        return (f"spanflame render {output} -o {base}.html (a flame graph), "
+                f"or go tool pprof -http=: {output}")
+    return f"flamegraph.pl {output} > {output}.svg, or any folded-stacks viewer"
 
 
 def _span_summary(result) -> None:
@@ -250,7 +364,13 @@ def _size(text: str) -> int:
         raise UsageError(f"invalid size {text!r}: use e.g. 10GiB, 500MiB") from None
 
 
-@cli.command()
+@cli.command(epilog="""\b
+Examples:
+  spanflame run                                 every Python process here; UI on 127.0.0.1:4040
+  spanflame run --include 'gunicorn|celery'     only processes whose command line matches
+  SPANFLAME_RATE=49 spanflame run --probes cpu,lock
+  spanflame run --listen 0.0.0.0:4040 --auth-token "$TOKEN"   reachable from other hosts
+""")
 @click.option("--store", default=_default_store, show_default="/var/lib/spanflame as root, "
               "else ~/.local/share/spanflame", envvar="SPANFLAME_STORE", metavar="DIR",
               help="Directory of the embedded store.")
@@ -295,6 +415,9 @@ def _size(text: str) -> int:
 @click.option("--cpu-budget", type=float, default=1.0, show_default=True,
               envvar="SPANFLAME_CPU_BUDGET", metavar="PERCENT",
               help="Agent CPU (itself and py-spy) per 10 profiled processes, in % of one core.")
+@click.option("--node", default=None, envvar="SPANFLAME_NODE", metavar="NAME",
+              help="This node's name in every profile's labels (default: the host name; the "
+                   "DaemonSet sets it from spec.nodeName).")
 @click.option("--span-wait", type=float, default=30.0, show_default=True,
               envvar="SPANFLAME_SPAN_WAIT", metavar="SECONDS",
               help="Longest a window waits for its spans before it is written.")
@@ -303,7 +426,8 @@ def run(store: str, listen: str, otlp_listen: str, rate: int, sampler: str, wind
         include: str | None, exclude: str | None, export_pyroscope: str | None,
         export_pyroscope_tenant, export_pyroscope_user, export_pyroscope_password,
         export_pyroscope_token, otlp_forward: str | None, auth_token: str | None,
-        retention_hours: float, retention_size: str, cpu_budget: float, span_wait: float) -> None:
+        retention_hours: float, retention_size: str, cpu_budget: float, node: str | None,
+        span_wait: float) -> None:
     """Profile every Python process on this machine, continuously; serve the UI and API."""
     import signal as _signal
 
@@ -321,7 +445,8 @@ def run(store: str, listen: str, otlp_listen: str, rate: int, sampler: str, wind
         export_user=export_pyroscope_user, export_password=export_pyroscope_password,
         export_token=export_pyroscope_token, otlp_forward=otlp_forward, auth_token=auth_token,
         retention_hours=retention_hours, retention_bytes=_size(retention_size),
-        cpu_budget=cpu_budget / 100, span_wait_s=span_wait, sampler=sampler)
+        cpu_budget=cpu_budget / 100, span_wait_s=span_wait, sampler=sampler,
+        **({"node": node} if node else {}))
     agent = Agent(opts).start()
     click.echo(f"spanflame: agent on {agent.url} (UI and API), OTLP on {agent.otlp_url}/v1/traces, "
                f"store {store}", err=True)
@@ -331,7 +456,12 @@ def run(store: str, listen: str, otlp_listen: str, rate: int, sampler: str, wind
     stop = [False]
 
     def on_signal(signum, frame) -> None:
+        if stop[0]:  # a second Ctrl-C: the user wants out now; stored windows are safe
+            os.write(2, b"spanflame: quitting now; the last window is not written\n")
+            os._exit(130)
         stop[0] = True
+        os.write(2, b"spanflame: stopping: writing the last windows "
+                    b"(Ctrl-C again to quit at once)\n")
         agent._stop.set()
 
     _signal.signal(_signal.SIGTERM, on_signal)
@@ -339,11 +469,17 @@ def run(store: str, listen: str, otlp_listen: str, rate: int, sampler: str, wind
     try:
         agent.wait()
     finally:
+        t0 = time.monotonic()
         agent._stop.clear()
         agent.close()
+        if stop[0]:
+            click.echo(f"spanflame: stopped in {time.monotonic() - t0:.1f} s", err=True)
 
 
-@cli.command()
+@cli.command(epilog="""\b
+Examples:
+  spanflame serve --store /var/lib/spanflame    browse what `run` stored, without profiling
+""")
 @click.option("--store", required=True, envvar="SPANFLAME_STORE", metavar="DIR",
               help="Directory of an existing store (what `spanflame run --store` wrote).")
 @click.option("--listen", default="127.0.0.1:4040", show_default=True, envvar="SPANFLAME_LISTEN",
@@ -376,7 +512,12 @@ def serve(store: str, listen: str, auth_token: str | None) -> None:
 MAX_INPUT_BYTES = 1 << 30
 
 
-@cli.command()
+@cli.command(epilog="""\b
+Examples:
+  spanflame render app.pb.gz -o app.html                   a flame graph
+  spanflame render app.pb.gz -o lock.html --type lock_wait  where threads waited on locks
+  spanflame render app.pb.gz -o w.txt --tag thread_name=worker-1
+""")
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="OUTPUT",
               help="Output file: .html, .json (speedscope), .txt/.folded, .pb.gz/.pb.")
@@ -412,7 +553,13 @@ def render(input_path: str, output: str, type_name: str | None, tags: tuple[str,
         raise UsageError(f"{input_path} has no sample type {type_name!r}; it has: "
                          + ", ".join(t.name for t in profile.sample_types))
     if filters:
-        profile = profile.filtered(filters)
+        kept = profile.filtered(filters)
+        if not len(kept) and len(profile):
+            keys = sorted({k for (_s, labels) in profile.samples for k, _v in labels})
+            raise InputError(f"no sample of {input_path} matches "
+                             + " ".join(f"--tag {t}" for t in tags)
+                             + "; its labels are: " + (", ".join(keys) or "none"))
+        profile = kept
     if type_name and output_format(output).startswith("pprof"):
         keep = [t for t in profile.sample_types if t.name in (type_name, "samples")]
         narrowed = type(profile)(keep, period_type=profile.period_type, period=profile.period,
@@ -426,13 +573,39 @@ def render(input_path: str, output: str, type_name: str | None, tags: tuple[str,
     click.echo(f"wrote {output} ({_human_bytes(size)}, {len(profile)} samples)")
 
 
+# -- dump -----------------------------------------------------------------------------------
+
+@cli.command(epilog="""\b
+Examples:
+  spanflame dump 4242           each thread's stack and what it is doing (running, lock, IO...)
+  spanflame dump 4242 --json    the same as JSON, for scripts
+""")
+@click.argument("pid", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the threads as JSON.")
+def dump(pid: int, as_json: bool) -> None:
+    """Print every thread's current Python stack once, like py-spy dump, with what each
+    thread is doing (running, waiting on a lock, the GIL, another thread, IO, the network,
+    sleeping)."""
+    from agent.dump import dump as run_dump, format_text
+
+    d = run_dump(pid)
+    if as_json:
+        click.echo(json.dumps(d.to_json(), indent=1))
+    else:
+        click.echo(format_text(d))
+
+
 # -- doctor ---------------------------------------------------------------------------------
 
-@cli.command()
+@cli.command(epilog="""\b
+Examples:
+  spanflame doctor            what works here, with a fix for each failing line
+  spanflame doctor --json
+""")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 def doctor(as_json: bool) -> None:
     """Check what this machine lets spanflame do, with a fix for each failing line."""
-    from agent.doctor import FAIL, as_json as to_json, run_checks, stack_source
+    from agent.doctor import FAIL, as_json as to_json, run_checks, stack_source, summary
 
     checks = run_checks()
     if as_json:
@@ -445,8 +618,22 @@ def doctor(as_json: bool) -> None:
             if c.hint and c.status != "ok":
                 click.echo(f"      {'':<{width}}  hint: {c.hint}")
         click.echo(stack_source(checks))
+        click.echo("")
+        for line in summary(checks):
+            click.echo(f"  {line}")
     if any(c.status == FAIL for c in checks):
         sys.exit(1)
+
+
+def _show_envvars(group: click.Group) -> None:
+    """Every option that an environment variable can set says so in --help."""
+    for cmd in group.commands.values():
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.envvar:
+                p.show_envvar = True
+
+
+_show_envvars(cli)
 
 
 def main() -> None:
@@ -457,6 +644,14 @@ def main() -> None:
             sys.exit(rv)
     except click.exceptions.Abort:
         _fail("aborted", 130)
+    except click.UsageError as exc:
+        # Keep click's usage line and its "Try ... -h" hint: that is where to look next.
+        if exc.ctx is not None:
+            click.echo(exc.ctx.get_usage(), err=True)
+        click.echo(f"spanflame: error: {exc.format_message()}", err=True)
+        if exc.ctx is not None:
+            click.echo(f"Try '{exc.ctx.command_path} -h' for help.", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         _fail(exc.format_message(), exc.exit_code)
     except SpanflameError as exc:

@@ -26,6 +26,8 @@ class Target:
     name: str
     exe: str
     cmdline: str
+    #: what the process is called in the UI when it sends no spans (see `service_from`)
+    service: str = ""
 
     @property
     def key(self) -> tuple[int, float, str, str]:
@@ -111,7 +113,8 @@ class Discovery:
                     return None  # our own children: py-spy
                 name = p.name()
                 exe = p.exe()
-                cmdline = " ".join(p.cmdline())[:1000]
+                argv = p.cmdline()
+                cmdline = " ".join(argv)[:1000]
                 ct = p.create_time()
         except (psutil.Error, OSError):
             return None
@@ -122,7 +125,47 @@ class Discovery:
             return None
         if not self._wanted(name, cmdline):
             return None
-        return Target(pid, ct, name, exe, cmdline)
+        service = service_from(name, argv)
+        if service == "spanflame":
+            return None  # another spanflame agent (or attach): a profiler, not a service
+        return Target(pid, ct, name, exe, cmdline, service)
+
+
+_INTERPRETER = re.compile(r"^(python|pypy)[0-9.]*[a-z]?$")
+#: interpreter options that take a value (the value is not the script)
+_OPTS_WITH_VALUE = {"-W", "-X", "-Q"}
+
+
+def service_from(name: str, argv: list[str]) -> str:
+    """A service name from how the process was started: `python3 shop/app.py` is "app",
+    `python -m celery worker` is "celery", `python -m pkg` with pkg/__main__.py is "pkg", a
+    console script (`gunicorn`, `/venv/bin/uvicorn`) is its own name. Only a bare interpreter
+    (`python3 -c ...`, a REPL) stays the process name."""
+    args = list(argv[:64])
+    if args and not _INTERPRETER.match(os.path.basename(args[0])):
+        base = os.path.basename(args[0].split(":")[0].split(" ")[0])  # "gunicorn: worker [x]"
+        return (base.removesuffix(".py") or name)[:200]
+    i = 1
+    while i < len(args):
+        a = args[i]
+        if a == "-m" and i + 1 < len(args):
+            return args[i + 1][:200]
+        if a.startswith("-m") and len(a) > 2:
+            return a[2:][:200]
+        if a == "-c" or a.startswith("-c") or a == "-":
+            return name
+        if a in _OPTS_WITH_VALUE:
+            i += 2
+            continue
+        if a.startswith("-"):
+            i += 1
+            continue
+        path = a.rstrip("/")
+        base = os.path.basename(path)
+        if base == "__main__.py":
+            base = os.path.basename(os.path.dirname(path)) or base
+        return (base.removesuffix(".py").removesuffix(".pyz") or name)[:200]
+    return name
 
 
 def _start_ticks(pid: int) -> int | None:

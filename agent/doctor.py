@@ -146,13 +146,26 @@ def check_processes(limit: int = 20) -> Check:
 
 def tracefs_root() -> Path | None:
     for p in TRACEFS_PATHS:
-        if (p / "events").is_dir():
-            return p
+        try:
+            if (p / "events").is_dir():
+                return p
+        except PermissionError:
+            continue
     return None
 
 
 def check_tracefs() -> Check:
     root = tracefs_root()
+    if root is None and os.geteuid() != 0:
+        denied = []
+        for p in TRACEFS_PATHS:
+            try:
+                (p / "events").is_dir()
+            except PermissionError:
+                denied.append(str(p))
+        if denied:
+            return Check("tracefs", FAIL, f"permission denied reading {denied[0]}",
+                         "run as root (or with CAP_SYS_ADMIN): the probes need tracefs")
     if root:
         return Check("tracefs", OK, f"mounted at {root}")
     return Check("tracefs", FAIL, "tracefs is not mounted",
@@ -194,6 +207,15 @@ def check_kernel_headers() -> Check:
     if h.kind in ("running", "env"):
         return Check("kernel headers", OK, h.detail)
     if h.kind == "fallback":
+        dest = Path(h.path)
+        if not dest.is_dir():
+            parent = next((p for p in dest.parents if p.exists()), None)
+            if parent is None or not os.access(parent, os.W_OK):
+                return Check("kernel headers", FAIL,
+                             f"{h.detail.split(' (merged at')[0]}: cannot be merged, "
+                             f"{parent or dest.anchor} is not writable for this user",
+                             "run as root, or set SPANFLAME_CACHE to a writable directory")
+            return Check("kernel headers", OK, h.detail.replace("(merged at", "(to be merged at"))
         return Check("kernel headers", OK, h.detail)
     return Check("kernel headers", FAIL, h.detail,
                  "apt-get install linux-headers-amd64 (any recent Debian tree works as fallback)")
@@ -221,6 +243,28 @@ def stack_source(checks: list[Check]) -> str:
                 "every CPU sample and wait on its exact stack; py-spy for other interpreters")
     off = ", ".join(n for n in need if by.get(n) != OK)
     return f"stacks: py-spy only (the kernel walker needs: {off})"
+
+
+def summary(checks: list[Check]) -> list[str]:
+    """What will work here, in a few lines (after the checks): CPU profiles, waits, spans."""
+    by = {c.name: c.status for c in checks}
+    bpf_needs = ("bpf syscall", "btf", "tracefs", "perf events", "bcc", "kernel headers")
+    bpf = all(by.get(n) == OK for n in bpf_needs)
+    pyspy = by.get("py-spy") == OK and by.get("ptrace") != FAIL
+    own = " (your own processes only)" if by.get("ptrace") == WARN else ""
+    out = []
+    if bpf:
+        out.append("CPU profiles: yes, stacks read in the kernel (CPython 3.10-3.13, x86-64 "
+                   "glibc), py-spy for other interpreters" + ("" if pyspy else " (py-spy: no)"))
+    elif pyspy:
+        out.append("CPU profiles: yes, from py-spy only" + own)
+    else:
+        out.append("CPU profiles: no (neither the kernel walker nor py-spy can run)")
+    missing = [n for n in bpf_needs if by.get(n) != OK]
+    out.append("waits (off-CPU, lock, GIL, IO, network), each on its Python line: "
+               + ("yes" if bpf else "no, needs " + ", ".join(missing)))
+    out.append("spans: yes, from any OpenTelemetry SDK app sending OTLP/HTTP to the agent")
+    return out
 
 
 def as_json(checks: list[Check]) -> list[dict]:

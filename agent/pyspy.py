@@ -62,6 +62,21 @@ def pyspy_version() -> str:
     return out.stdout.strip().removeprefix("py-spy ").strip()
 
 
+def permission_hint() -> str:
+    """What to do about a permission error: as root, asking to run as root is no help."""
+    if os.geteuid() != 0:
+        return "run as root or with CAP_SYS_PTRACE"
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            scope = f.read().strip()
+    except OSError:
+        scope = ""
+    if scope == "3":
+        return "denied even as root: kernel.yama.ptrace_scope is 3 (no attaching at all until reboot)"
+    return ("denied even as root: the process may be in another user namespace or protected by "
+            "an LSM (AppArmor/SELinux); run spanflame in the target's container or namespace")
+
+
 def check_target(pid: int) -> psutil.Process:
     """Fail early, with a clear error, for a PID that does not exist or is not Python."""
     try:
@@ -71,7 +86,7 @@ def check_target(pid: int) -> psutil.Process:
         raise NoSuchProcess(f"no process with PID {pid}") from None
     except psutil.AccessDenied:
         raise TargetPermissionError(
-            f"permission denied reading PID {pid}: run as root or with CAP_SYS_PTRACE") from None
+            f"permission denied reading PID {pid}: {permission_hint()}") from None
     if proc.status() == psutil.STATUS_ZOMBIE:
         raise NoSuchProcess(f"PID {pid} has exited (zombie)")
     if not is_python(pid):
@@ -85,7 +100,7 @@ def is_python(pid: int) -> bool:
         exe = os.readlink(f"/proc/{pid}/exe")
     except PermissionError:
         raise TargetPermissionError(
-            f"permission denied reading PID {pid}: run as root or with CAP_SYS_PTRACE") from None
+            f"permission denied reading PID {pid}: {permission_hint()}") from None
     except OSError:
         exe = ""
     if _PYTHON_NAME.search(exe.removesuffix(" (deleted)")):
@@ -98,7 +113,7 @@ def is_python(pid: int) -> bool:
                     return True
     except PermissionError:
         raise TargetPermissionError(
-            f"permission denied reading PID {pid}: run as root or with CAP_SYS_PTRACE") from None
+            f"permission denied reading PID {pid}: {permission_hint()}") from None
     except OSError:
         raise NoSuchProcess(f"no process with PID {pid}") from None
     return False
@@ -306,7 +321,7 @@ def _translate_failure(pid: int, rc: int | None, stderr: str) -> Exception:
     text = stderr.lower()
     if "permission denied" in text or "operation not permitted" in text:
         return TargetPermissionError(
-            f"permission denied attaching to PID {pid}: run as root or grant CAP_SYS_PTRACE")
+            f"permission denied attaching to PID {pid}: {permission_hint()}")
     if "failed to find python version" in text or "failed to find a python interpreter" in text:
         return NotPython(f"PID {pid} is not a Python process py-spy can read")
     if not psutil.pid_exists(pid) or "no such file or directory" in text or "no such process" in text:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from agent.aggregate import add_pieces, fill_sample_counts, new_profile, timeline_pieces
 from agent.clocksync import estimate_error_ns, run_transitions, shift, span_transitions
 from agent.discovery import Discovery, Target
-from agent.errors import SamplerError, SpanflameError, TargetError
+from agent.errors import NoSuchProcess, SamplerError, SpanflameError, TargetError
 from agent.k8s import PodResolver
 from agent.metrics import Metrics
 from agent.model import SAMPLE_TYPES, Profile
@@ -148,9 +148,13 @@ class ProcessWorker:
             except (SamplerError, TargetError) as exc:
                 self.failures += 1
                 a.metrics.sampler_failures.inc()
-                if not _same_process(self.target):
+                if not _same_process(self.target) or _exiting(pid):
                     return
-                log.warning("py-spy on PID %d failed (%s); retrying in %.0f s", pid, exc, backoff)
+                # A process on its way out (or a thread exiting as py-spy read it) is not worth
+                # a warning: short-lived Python processes are common on a node.
+                level = logging.DEBUG if isinstance(exc, NoSuchProcess) else logging.WARNING
+                log.log(level, "py-spy on PID %d failed (%s); retrying in %.0f s", pid, exc,
+                        backoff)
                 if self._stop.wait(backoff):
                     return
                 backoff = min(60.0, backoff * 2)
@@ -192,6 +196,14 @@ def _proc_cpu_s(rec: PySpyRecorder) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+def _exiting(pid: int) -> bool:
+    try:
+        import psutil
+        return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except Exception:  # gone or unreadable
+        return True
 
 
 def _same_process(t: Target) -> bool:
@@ -377,29 +389,43 @@ class Agent:
         if self._stop.is_set():
             return
         self._stop.set()
-        if self._scan_thread.is_alive():
-            self._scan_thread.join(timeout=10)
-        for w in list(self.workers.values()):
-            w.close()
-        for w in list(self.workers.values()):
-            w.join(timeout=self.opts.window_s + 10)
-        if self.kernel_windows is not None:
-            self.kernel_windows.close()
-            if self.session is not None:
-                self.session.drain()
-        if self.awaits is not None:
-            self.awaits.close()
-        self.pipeline.close(flush=True)
-        self._persist_spans(final=True)
-        if self.session is not None:
-            self.session.close()
-        if self.exporter is not None:
-            self.exporter.close()
-        if self.forwarder is not None:
-            self.forwarder.close()
+        t0 = time.monotonic()
+        steps = []
+
+        def step(name: str, fn) -> None:
+            t = time.monotonic()
+            try:
+                fn()
+            except Exception:  # closing goes on: the store must still be closed
+                log.exception("closing: %s failed", name)
+            steps.append((name, time.monotonic() - t))
+
+        def workers() -> None:
+            for w in list(self.workers.values()):
+                w.close()
+            for w in list(self.workers.values()):
+                w.join(timeout=self.opts.window_s + 10)
+
+        def kernel() -> None:
+            if self.kernel_windows is not None:
+                self.kernel_windows.close()
+                if self.session is not None:
+                    self.session.drain()
+
+        step("scanner", lambda: self._scan_thread.is_alive() and self._scan_thread.join(10))
+        step("samplers", workers)
+        step("kernel windows", kernel)
+        step("await poller", lambda: self.awaits is not None and self.awaits.close())
+        step("pending windows", lambda: self.pipeline.close(flush=True))
+        step("spans", lambda: self._persist_spans(final=True))
+        step("probes", lambda: self.session is not None and self.session.close())
+        step("exporter", lambda: self.exporter is not None and self.exporter.close())
+        step("forwarder", lambda: self.forwarder is not None and self.forwarder.close())
         for s in self.servers:
-            s.close()
-        self.store.close()
+            step("server", s.close)
+        step("store", self.store.close)
+        log.info("stopped in %.1f s (%s)", time.monotonic() - t0,
+                 ", ".join(f"{n} {d:.1f} s" for n, d in steps if d >= 0.05))
 
     def wait(self) -> None:
         """Block until close() or a signal handler sets the stop flag."""
@@ -464,6 +490,8 @@ class Agent:
                 self.session.remove_target(pid)
             del self.sources[pid]
         for pid, t in found.items():
+            if self._stop.is_set():  # stopping: adding targets now only delays it
+                return
             if pid in self.sources:
                 continue
             labels = {"pid": pid, "node": self.opts.node, "process": t.name}
@@ -509,7 +537,8 @@ class Agent:
 
     # -- windows --------------------------------------------------------------------------------
     def service_name(self, target: Target) -> str:
-        return self.spans.services.get(target.pid) or target.name or f"pid-{target.pid}"
+        return (self.spans.services.get(target.pid) or target.service or target.name
+                or f"pid-{target.pid}")
 
     def build_window(self, job: WindowJob) -> None:
         """Link, build and store the profiles of one finished window."""

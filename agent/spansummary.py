@@ -179,7 +179,48 @@ def breakdowns(spans: Iterable[SpanRecord], store: SpanStore, cpu: CpuTimeline |
         b.top = {k: v for k, v in top.get(s.span_id, {}).items() if not k.startswith("_")}
         b.cause = cause(b)
         out.append(b)
+    roll_up(out)
     return out
+
+
+def roll_up(out: list[SpanBreakdown]) -> None:
+    """A span whose time is mostly in its child spans says what those children did: the
+    category that dominates its descendants' own time, the function behind it and the span it
+    was in ('96% in child spans: mostly waiting on a lock in Repo.save (repo.py:54), in
+    save_order'). Only descendants in `out` are known (children end before their parent, so
+    they are linked in the same window or an earlier one)."""
+    by_id = {b.span_id: b for b in out}
+    kids: dict[str, list[SpanBreakdown]] = {}
+    for b in out:
+        if b.parent_span_id in by_id and b.parent_span_id != b.span_id:
+            kids.setdefault(b.parent_span_id, []).append(b)
+    for b in out:
+        if not b.cause.endswith(_WORDS["children"]) or b.span_id not in kids:
+            continue
+        acc = dict.fromkeys(CATEGORIES, 0)
+        best: dict[str, tuple[int, SpanBreakdown]] = {}
+        todo, seen = list(kids[b.span_id]), {b.span_id}
+        while todo:  # iterative: a trace may be deep
+            k = todo.pop()
+            if k.span_id in seen:
+                continue
+            seen.add(k.span_id)
+            for c in CATEGORIES:
+                ns = getattr(k, f"{c}_ns")
+                acc[c] += ns
+                if ns > best.get(c, (0, None))[0]:
+                    best[c] = (ns, k)
+            todo.extend(kids.get(k.span_id, ()))
+        cat = max(CATEGORIES, key=lambda c: acc[c])
+        if not acc[cat]:
+            continue
+        text = f"{b.cause}: mostly {_WORDS[cat]}"
+        k = best[cat][1]
+        fn = k.top.get(cat)
+        if fn:
+            short = fn[1].rsplit("/", 1)[-1]
+            text += f" in {fn[0]} ({short}:{fn[2]})" if fn[2] else f" in {fn[0]} ({short})"
+        b.cause = f"{text}, in {k.name}"[:500]
 
 
 def _held_thread(samples: list[tuple[int, int]], task: int, lo: int, hi: int,

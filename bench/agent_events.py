@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
         s.start([])
         if "cpu" not in s.active:
             raise SystemExit(f"the kernel walker is off: {s.off}")
-        # What loading the probes (bcc, LLVM, the compile) leaves in this process, and how much
-        # of it glibc gives back when asked.
+        # What loading the probes leaves in this process (the compile runs in a loader child:
+        # probes/loader.py; before, bcc and LLVM stayed here), and how much of it glibc gives
+        # back when asked.
         memory["after_load"] = rss_mib()
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -121,12 +121,20 @@ class Paths:
     def top(self, limit: int = 20) -> list["FunctionStat"]:
         """Functions by self value (then name); `total` counts each function once per stack
         (recursion-safe). Functions that are never a leaf fill the list only when fewer than
-        `limit` functions have self time. Totals are summed for the chosen functions only."""
+        `limit` functions have self time. Totals are summed for the chosen functions only.
+
+        Self time goes to the innermost *Python* function of a stack: a wait's stack ends in
+        a marker (`[lock wait]`) and kernel frames, and the question is which Python function
+        waited. Stacks with no Python frame keep their leaf."""
+        info = self.info
+        py = [bool(f[1]) and not f[1].startswith("[") for f in info]
         self_v: dict[int, int] = {}
         for p, v in self.paths.items():
             if p and v:
-                self_v[p[-1]] = self_v.get(p[-1], 0) + v
-        info = self.info
+                leaf = p[-1]
+                if not py[leaf]:
+                    leaf = next((i for i in reversed(p) if py[i]), leaf)
+                self_v[leaf] = self_v.get(leaf, 0) + v
         order = sorted(self_v, key=lambda i: (-self_v[i], info[i][0], info[i][1]))[:limit]
         if len(order) < limit:  # callers with no self time, by total
             rest: dict[int, int] = {}

@@ -1,17 +1,20 @@
 """Loading, running and reading the eBPF probes for a set of target processes.
 
-`ProbeSession.start()` compiles every selected probe as one bcc module, attaches it, and fills the
+`ProbeSession.start()` compiles every selected probe as one bcc module and attaches it, in a
+short-lived child process that hands the map, program and attachment fds over (probes/loader.py;
+this process never maps LLVM or libbcc and reads the maps with probes/bpfsys.py), and fills the
 kernel-side target filter. For each target whose interpreter the kernel walker supports
 (probes/pyprocess.py), the walker's per-process configuration goes into `py_procs`, and every
 record of that process carries the Python stack of its moment; other targets (py-spy does their
 stacks) still get their waits, IO and network records. A background thread drains the ring
-buffer (the kernel never wakes us: records are written with BPF_RB_NO_WAKEUP) on a timer and
-symbolises stacks while the targets are alive. `close()` detaches everything and returns a
+buffer (the kernel never wakes us: records are written with BPF_RB_NO_WAKEUP) on a timer, reading
+its mmapped pages directly (every record available, as bytes, in one call), and symbolises stacks
+while the targets are alive. `close()` detaches everything and returns a
 `ProbeData`. Nothing here raises for a machine that cannot run probes: the probes are then off,
 each with a one-line reason in `off`.
 
 Threading: `start`, `add_target`, `remove_target` and `close` are called from one owner thread;
-the drain thread only appends to internal lists under a lock.
+the drain thread reads the ring buffers and decodes under the session's lock (one consumer).
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ log = logging.getLogger(__name__)
 COUNTER_NAMES = ("events_ringbuf_drops", "net_ringbuf_drops", "kernel_stack_errors",
                  "threads_untracked", "thread_map_full", "futex_map_full", "bucket_map_full",
                  "socket_map_full", "waits", "short_waits", "samples", "syscall_unknown")
-_NOEXIST = 1  # BPF_NOEXIST
 #: counters that only count what happened (the rest count something lost or unreadable)
 _INFO_COUNTERS = frozenset(("waits", "short_waits", "samples", "symbolizer_reused"))
 
@@ -76,8 +78,8 @@ class ProbeSession:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._raw: list[bytes] = []
-        self._raw_net: list[bytes] = []
+        self._rb_events = None
+        self._rb_net = None
         self._kept = 0
         self._decoder: Decoder | None = None
         self._targets: set[int] = set()
@@ -118,16 +120,11 @@ class ProbeSession:
     def _load(self) -> None:
         if os.geteuid() != 0 and not _has_bpf_caps():
             raise _ProbesOff("no BPF permission: run as root or grant CAP_BPF and CAP_PERFMON")
-        try:
-            from bcc import BPF, PerfSWConfig, PerfType
-        except Exception as exc:
-            raise _ProbesOff(f"bcc is not importable ({type(exc).__name__}: {exc}); "
-                             "apt-get install python3-bpfcc") from None
         plan = registry.plan(self.requested + (["cpu"] if self.sample_cpu else []))
         self.off.update(plan.off)
         if not plan.probes:
             raise _ProbesOff(next(iter(plan.off.values()), "no probe can run here"))
-        from probes import btf
+        from probes import btf, loader
         try:
             offs = btf.offsets("task_struct", ["thread.fsbase", "stack"])
         except btf.BtfError as exc:
@@ -152,30 +149,30 @@ class ProbeSession:
             f"-DAGENT_TGID={os.getpid()}",
             "-w",
         ]
-        text = registry.source_text(plan.sources)
-        err = _StderrCapture()
+        # Compiled, loaded and attached in a child process (probes/loader.py): LLVM and libbcc
+        # never enter this one, which keeps only the fds.
+        req = loader.Request(tuple(plan.sources), tuple(cflags),
+                             "on_cpu_sample" if "cpu" in plan.probes else None,
+                             round(1e9 / self.rate_hz))
         try:
-            with err:
-                self._bpf = BPF(text=text.encode(), cflags=cflags)
-                if "cpu" in plan.probes:
-                    self._bpf.attach_perf_event(
-                        ev_type=PerfType.SOFTWARE, ev_config=PerfSWConfig.CPU_CLOCK,
-                        fn_name=b"on_cpu_sample", sample_period=round(1e9 / self.rate_hz))
-        except Exception as exc:
-            detail = err.first_error() or str(exc).splitlines()[0]
-            if self._bpf is not None:
-                self._bpf.cleanup()
-                self._bpf = None
-            raise _ProbesOff(f"BPF load failed: {detail}") from None
-        b = self._bpf
-        # A thread's first run starts at the last switch on its CPU: from now, not from boot.
-        now = ctypes.c_uint64(time.monotonic_ns())
-        cpu_last = b[b"cpu_last"]
-        for cpu in range(min(os.cpu_count() or 1, 1024)):
-            cpu_last[ctypes.c_int(cpu)] = now
-        b[b"events"].open_ring_buffer(self._on_event)
-        if "net" in plan.probes:
-            b[b"net_events"].open_ring_buffer(self._on_net)
+            b = loader.load(req)
+        except loader.LoadError as exc:
+            if exc.kind == "import":
+                raise _ProbesOff(f"bcc is not importable ({exc.detail}); "
+                                 "apt-get install python3-bpfcc") from None
+            raise _ProbesOff(f"BPF load failed: {exc.detail}") from None
+        try:
+            # A thread's first run starts at the last switch on its CPU: from now, not from boot.
+            now = ctypes.c_uint64(time.monotonic_ns())
+            cpu_last = b["cpu_last"]
+            for cpu in range(min(os.cpu_count() or 1, cpu_last.max_entries)):
+                cpu_last[ctypes.c_int(cpu)] = now
+            self._rb_events = b.ring_buffer("events")
+            self._rb_net = b.ring_buffer("net_events") if "net" in plan.probes else None
+        except (OSError, KeyError, ValueError) as exc:
+            b.close()
+            raise _ProbesOff(f"BPF load failed: cannot use the loaded maps ({exc})") from None
+        self._bpf = b
         self._decoder = Decoder(b, self._clock)
         self.active = list(plan.probes)
         self._plan = plan
@@ -224,7 +221,7 @@ class ProbeSession:
         (from /proc) as the reason for the wait in progress and, for a process the walker reads,
         the Python stack it is blocked in (read from user space: probes/pywalk.py). Entries the
         kernel already made are left alone."""
-        from bcc.libbcc import lib
+        from probes.bpfsys import NOEXIST
 
         b = self._bpf
         states, stacks = b[b"tstates"], b[b"tstacks"]
@@ -248,16 +245,21 @@ class ProbeSession:
                 leaf.off_start = now
                 leaf.state = 2 if state == "D" else 1
                 self._decoder.seed_kstack(tid, now, _proc_kstack(pid, tid))
-            k = states.Key(tid)
-            lib.bpf_update_elem(states.map_fd, ctypes.byref(k), ctypes.byref(leaf), _NOEXIST)
+            try:
+                states.update(states.Key(tid), leaf, NOEXIST)
+            except OSError as exc:  # the map is full: the kernel counts what it then misses
+                log.debug("no state for thread %d: %s", tid, exc)
+                continue
             slot = stacks.Leaf()
             slot.ev.kstack = -1
             slot.ev.py.hash = 0x5F5F5F5F  # no stack yet: matches nothing the walker reports
             seen = pystacks.get(tid)
             if seen is not None and state != "R":
                 _fill_slot(slot, seen)
-            k = stacks.Key(tid)
-            lib.bpf_update_elem(stacks.map_fd, ctypes.byref(k), ctypes.byref(slot), _NOEXIST)
+            try:
+                stacks.update(stacks.Key(tid), slot, NOEXIST)
+            except OSError as exc:
+                log.debug("no stack slot for thread %d: %s", tid, exc)
 
     def remove_target(self, pid: int) -> None:
         if self._bpf is None or pid not in self._targets:
@@ -273,13 +275,10 @@ class ProbeSession:
             if not any((t & 0xFFFF) == (pid & 0xFFFF) for t in self._targets):
                 b[b"target_bits"][ctypes.c_uint32(pid & 0xFFFF)] = ctypes.c_uint8(0)
             # Threads of a process we stop watching keep no state in the kernel.
-            for k, v in list(b[b"tstates"].items()):
+            for k, v in b[b"tstates"].items_lookup_batch():
                 if v.tgid == pid:
                     for name in (b"tstates", b"tstacks"):
-                        try:
-                            del b[name][k]
-                        except KeyError:
-                            pass
+                        b[name].delete(k)
             self._decoder.remove_process(pid)
             self.procs.pop(pid, None)
 
@@ -289,18 +288,13 @@ class ProbeSession:
         out = {}
         if self._bpf is None:
             return out
-        for name, fn in self._bpf.funcs.items():
-            cnt = ns = 0
+        from probes.bpfsys import prog_info
+        for name, fd in self._bpf.progs.items():
             try:
-                with open(f"/proc/self/fdinfo/{fn.fd}") as f:
-                    for line in f:
-                        if line.startswith("run_time_ns:"):
-                            ns = int(line.split()[1])
-                        elif line.startswith("run_cnt:"):
-                            cnt = int(line.split()[1])
+                info = prog_info(fd)
             except OSError:
                 continue
-            out[name.decode()] = (cnt, ns)
+            out[name] = (info["run_cnt"], info["run_time_ns"])
         return out
 
     def close(self) -> ProbeData:
@@ -327,7 +321,7 @@ class ProbeSession:
             except Exception:  # loop edge: keep what we have
                 log.exception("final probe read failed")
             finally:
-                self._bpf.cleanup()
+                self._bpf.close()
                 self._bpf = None
         if self._decoder is not None:
             self._decoder.close()
@@ -340,23 +334,11 @@ class ProbeSession:
         while not self._stop.wait(self.drain_interval_s):
             n += 1
             try:
-                self._drain(final=False, buckets=(n % 4 == 0))
+                with self._lock:  # one consumer of the ring buffers; the decoder is not shared
+                    if self._bpf is not None:
+                        self._drain(final=False, buckets=(n % 4 == 0))
             except Exception:  # loop edge: log, count, keep going
                 log.exception("probe drain failed")
-
-    def _on_event(self, _ctx, data, size) -> int:
-        """Ring buffer callback body: copy the record's bytes (decoded in bulk in `_drain`),
-        unless the session already holds `max_records` (prune() makes room again)."""
-        if self._kept >= self.max_records:
-            self._decoder.dropped += 1
-        else:
-            self._kept += 1
-            self._raw.append(ctypes.string_at(data, size))
-        return 0
-
-    def _on_net(self, _ctx, data, size) -> int:
-        self._raw_net.append(ctypes.string_at(data, size))
-        return 0
 
     def drain(self) -> None:
         """Read what the kernel has written so far (the drain thread does this on its own)."""
@@ -366,10 +348,12 @@ class ProbeSession:
 
     def _drain(self, final: bool, buckets: bool = True) -> None:
         b = self._bpf
-        b.ring_buffer_consume()
-        raw, self._raw = self._raw, []
-        raw_net, self._raw_net = self._raw_net, []
+        # Records past max_records are consumed and counted as dropped (prune() makes room).
+        raw, dropped = self._rb_events.drain(max(0, self.max_records - self._kept))
+        self._kept += len(raw)
+        raw_net = self._rb_net.drain()[0] if self._rb_net is not None else []
         d = self._decoder
+        d.dropped += dropped
         d.decode(raw, raw_net, self.data if not self.per_process_only else None)
         if (buckets or final) and "net" in self.active:
             d.drain_buckets(b[b"net_buckets"], self.data if not self.per_process_only else None)
@@ -398,10 +382,7 @@ class ProbeSession:
                                                                   v.tgid != pid):
                 continue
             tid = k.value if hasattr(k, "value") else int(k)
-            try:
-                slot = bytes(stacks[stacks.Key(tid)])
-            except KeyError:
-                slot = b""
+            slot = stacks.lookup_bytes(stacks.Key(tid)) or b""
             w = d.open_wait(v.tgid, tid, v, slot, now)
             if w is not None:
                 out.append(w)
@@ -502,30 +483,3 @@ def _proc_kstack(pid: int, tid: int):
 def _has_bpf_caps() -> bool:
     from agent.doctor import has_cap
     return (has_cap(39) and has_cap(38)) or has_cap(21)  # BPF+PERFMON, or SYS_ADMIN
-
-
-class _StderrCapture:
-    """libbcc prints compiler errors on fd 2; keep them off the user's terminal, keep the first."""
-
-    def __init__(self) -> None:
-        self.text = ""
-
-    def __enter__(self) -> "_StderrCapture":
-        import tempfile
-        self._tmp = tempfile.TemporaryFile()
-        self._saved = os.dup(2)
-        os.dup2(self._tmp.fileno(), 2)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        self._tmp.seek(0)
-        self.text = self._tmp.read(1 << 16).decode("utf-8", "replace")
-        self._tmp.close()
-
-    def first_error(self) -> str:
-        for line in self.text.splitlines():
-            if "error" in line.lower():
-                return line.strip()[:300]
-        return ""

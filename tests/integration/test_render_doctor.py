@@ -123,3 +123,25 @@ def test_doctor_as_root_and_as_nobody():
     bpf = next(i for i, l in enumerate(lines) if "bpf syscall" in l)
     assert lines[bpf].startswith("FAIL") and "hint:" in lines[bpf + 1]
     assert no_traceback(res.stdout + res.stderr)
+
+
+@pytest.mark.skipif(not is_root(), reason="root is needed to run doctor as another user")
+def test_doctor_as_nobody_without_a_home_explains_instead_of_crashing():
+    res = run_cli("doctor", user="65534", env={"HOME": "/nonexistent"})
+    out = res.stdout
+    assert "check crashed" not in out
+    tracefs = next(l for l in out.splitlines() if " tracefs " in l)
+    assert tracefs.startswith("FAIL") and "permission denied" in tracefs
+    headers = next(l for l in out.splitlines() if "kernel headers" in l)
+    assert not headers.startswith("ok"), headers  # it cannot merge into a home that is not there
+    # A summary of what will work, after the checks.
+    assert "CPU profiles: yes, from py-spy only (your own processes only)" in out
+    assert "waits (off-CPU, lock, GIL, IO, network), each on its Python line: no, needs" in out
+
+
+def test_doctor_as_root_summarises_what_works():
+    if not is_root():
+        pytest.skip("root")
+    out = run_cli("doctor").stdout
+    assert "CPU profiles: yes, stacks read in the kernel" in out
+    assert "each on its Python line: yes" in out

@@ -92,3 +92,16 @@ def test_folded_export():
     assert "alert" in render_folded(prof(), "cpu").split("\n")[0] or True
     for line in render_folded(prof(), "cpu").splitlines():
         assert line.rsplit(" ", 1)[1].isdigit()
+
+
+def test_top_functions_of_a_wait_type_rank_the_python_function_that_waited():
+    # A lock wait's stack: marker, kernel frames, then Python (leaf first).
+    from flamegraph.calltree import top_functions
+    py = (Frame("save", "/app/repo.py", 54), Frame("handler", "/app/app.py", 10))
+    kernel = (Frame("futex_wait", "[kernel]", 0), Frame("schedule", "[kernel]", 0))
+    stacks = [((Frame("[lock wait]"),) + kernel + py, 90),
+              ((Frame("[lock wait]"),) + (Frame("load", "/app/cache.py", 7),) + py[1:], 10),
+              ((Frame("[no Python frame]"),), 5)]
+    top = top_functions(stacks, 5)
+    assert [(f.name, f.self_value) for f in top if f.self_value] == [
+        ("save", 90), ("load", 10), ("[no Python frame]", 5)]

@@ -93,3 +93,24 @@ def test_breakdown_adds_up_and_names_the_cause():
     x = SpanBreakdown("t", "s", "", "op", "svc", 1, 7, 0, 100, "ok", cpu_ns=20, lock_ns=62,
                       other_ns=18, top={"lock": ["Repo.save", "/srv/app/repo.py", 88, 62]})
     assert cause(x) == "62% waiting on a lock in Repo.save (repo.py:88)"
+
+
+def test_a_parent_mostly_in_child_spans_says_what_its_children_did():
+    from agent.spansummary import roll_up
+    root = SpanBreakdown("t", "r", "", "checkout", "svc", 1, 7, 0, 100, "ok", cpu_ns=4,
+                         children_ns=96)
+    root.cause = cause(root)
+    assert root.cause == "96% in child spans"
+    mid = SpanBreakdown("t", "m", "r", "save_order", "svc", 1, 7, 0, 90, "ok", cpu_ns=2,
+                        children_ns=80, lock_ns=8)
+    leaf = SpanBreakdown("t", "l", "m", "Repo.save", "svc", 1, 7, 0, 80, "ok", lock_ns=70,
+                         cpu_ns=10, top={"lock": ["Repo.save", "/srv/app/repo.py", 54, 70]})
+    other = SpanBreakdown("t", "o", "r", "price", "svc", 1, 7, 0, 6, "ok", cpu_ns=6)
+    unrelated = SpanBreakdown("u", "x", "", "other", "svc", 1, 7, 0, 50, "ok", io_ns=50)
+    for b in (mid, leaf, other, unrelated):
+        b.cause = cause(b)
+    roll_up([root, mid, leaf, other, unrelated])
+    assert root.cause == ("96% in child spans: mostly waiting on a lock in Repo.save "
+                          "(repo.py:54), in Repo.save")
+    assert mid.cause.startswith("89% in child spans: mostly waiting on a lock")
+    assert leaf.cause == "88% waiting on a lock in Repo.save (repo.py:54)"  # not a parent

@@ -1,4 +1,4 @@
-"""Fuzzing every route of a real agent (tests/hostile.py): seeded, 2,400 requests including the
+"""Fuzzing every route of a real agent (tests/hostile.py): seeded, ~2,400 requests including the
 reproductions of issue 12, in well under 60 s. No answer may be a 5xx, none may take 5 s,
 /healthz must answer throughout, and what was stored before must come out unchanged."""
 
@@ -27,13 +27,15 @@ def test_fuzz_every_route(agent):
     now = time.time()
     hostile.seed_baseline(agent, now)
     before = hostile.baseline_snapshot(agent, now)
-    todo = list(hostile.cases(SEED, CASES, now_s=now))
+    # Cases another part of issue 12 fixes (OTLP JSON depth) run in the test below: their 500s
+    # also make uvicorn close connections, which would show here as resets.
+    todo = [c for c in hostile.cases(SEED, CASES, now_s=now) if not c.owned_elsewhere]
     assert len(todo) >= 2000
     rep = hostile.fuzz(agent, todo)
     print(rep.summary())
     assert rep.sent == len(todo)
     assert rep.elapsed_s < 60, rep.summary()
-    assert rep.server_errors == [], rep.summary()
+    assert rep.server_errors == [] and rep.elsewhere == [], (rep.summary(), rep.server_errors)
     assert rep.hangs == [], rep.summary()
     assert rep.wrong == [], rep.summary()
     assert rep.health_checks > 10 and rep.health_failures == [], rep.summary()

@@ -335,13 +335,20 @@ class _SpanReceiver:
 
     def __init__(self, listen: str) -> None:
         from starlette.applications import Starlette
+        from starlette.middleware import Middleware
 
+        from agent.httpguard import Policy, RequestGuard
         from agent.httpserver import ServerThread, parse_listen
         from agent.otlp_receiver import OtlpReceiver
+        from agent.senders import SenderCheck
         from agent.spans import SpanStore
 
         self.store = SpanStore()
-        app = Starlette(routes=OtlpReceiver(self.store).routes())
+        # The same rules as the agent's (agent/httpguard.py, agent/senders.py): Host checked,
+        # no simple-type posts, spans name only processes their sender can be tied to.
+        receiver = OtlpReceiver(self.store, sender_check=SenderCheck().check)
+        app = Starlette(routes=receiver.routes(),
+                        middleware=[Middleware(RequestGuard, policy=Policy())])
         host, port = parse_listen(listen)
         self.server = ServerThread(app, host, port, name="otlp").start()
         self.url = self.server.url

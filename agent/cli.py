@@ -84,22 +84,31 @@ Examples:
 @click.option("--spans-output", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help="With --otlp-listen: write each span's time breakdown (CPU, lock, IO, net, "
                    "other, unaccounted) and dominant cause as JSON.")
+@click.option("--insecure-no-auth", is_flag=True,
+              help="Allow --otlp-listen beyond loopback (attach has no token: anyone reaching "
+                   "it can send spans).")
 def attach(pid: int, duration: float, rate: int, sampler: str, output: str | None, probes: str,
            offcpu_threshold: float, otlp_listen: str | None, span_wait: float,
-           gil_only: bool, spans_output: str | None) -> None:
+           gil_only: bool, spans_output: str | None, insecure_no_auth: bool) -> None:
     """Profile the running Python process PID."""
     _profile(pid, None, duration, rate, sampler, output, probes, offcpu_threshold, otlp_listen,
-             span_wait, gil_only, spans_output)
+             span_wait, gil_only, spans_output, insecure_no_auth)
 
 
 def _profile(pid: int, command: list[str] | None, duration: float, rate: int, sampler: str,
              output: str | None, probes: str, offcpu_threshold: float, otlp_listen: str | None,
-             span_wait: float, gil_only: bool, spans_output: str | None) -> None:
+             span_wait: float, gil_only: bool, spans_output: str | None,
+             insecure_no_auth: bool = False) -> None:
     """attach (pid) or record (command): the options, the progress, the output, the summary."""
     import subprocess
 
     from agent.attach import AttachOptions, attach as run_attach, parse_probes
     from agent.output import check_writable, write_profile
+
+    if otlp_listen:
+        from agent.httpguard import check_exposure
+        from agent.httpserver import parse_listen
+        check_exposure([parse_listen(otlp_listen)], None, insecure_no_auth, can_have_token=False)
 
     options = AttachOptions(pid=pid, duration_s=duration, rate_hz=rate,
                             probes=parse_probes(probes),
@@ -186,12 +195,13 @@ def _profile(pid: int, command: list[str] | None, duration: float, rate: int, sa
 
 def _record(command: tuple[str, ...], duration: float | None, rate: int, sampler: str,
             output: str | None, probes: str, offcpu_threshold: float, otlp_listen: str | None,
-            span_wait: float, gil_only: bool, spans_output: str | None) -> None:
+            span_wait: float, gil_only: bool, spans_output: str | None,
+            insecure_no_auth: bool = False) -> None:
     """Start COMMAND and profile it until it exits (or for --duration)."""
     if not command:
         raise UsageError("record needs a command to run: spanflame record -- python app.py")
     _profile(0, list(command), duration or 366 * 86400.0, rate, sampler, output, probes,
-             offcpu_threshold, otlp_listen, span_wait, gil_only, spans_output)
+             offcpu_threshold, otlp_listen, span_wait, gil_only, spans_output, insecure_no_auth)
 
 
 def _record_command() -> click.Command:
@@ -353,6 +363,16 @@ def _default_store() -> str:
     return os.path.join(os.path.expanduser("~"), ".local", "share", "spanflame")
 
 
+def _auth_token(given: str | None) -> str | None:
+    """--auth-token, checked: an empty SPANFLAME_AUTH_TOKEN (which click reads as unset) or an
+    empty flag is an error, never "auth off"."""
+    from agent.httpguard import check_token
+
+    if given is None and "SPANFLAME_AUTH_TOKEN" in os.environ:
+        given = os.environ["SPANFLAME_AUTH_TOKEN"]
+    return check_token(given)
+
+
 def _size(text: str) -> int:
     t = text.strip().upper().replace("IB", "").replace("B", "")
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -407,11 +427,20 @@ Examples:
 @click.option("--otlp-forward", default=None, envvar="SPANFLAME_OTLP_FORWARD", metavar="URL",
               help="Forward received spans unchanged to this OTLP/HTTP endpoint.")
 @click.option("--auth-token", default=None, envvar="SPANFLAME_AUTH_TOKEN",
-              help="Require this bearer token for the UI, API and ingest.")
+              help="Require this bearer token for the UI, API and ingest (required to listen "
+                   "beyond loopback).")
+@click.option("--allowed-hosts", default=None, envvar="SPANFLAME_ALLOWED_HOSTS", metavar="LIST",
+              help="Host header names accepted besides loopback names, IP addresses and this "
+                   "machine's name: comma-separated, '.suffix' for a domain (DNS rebinding).")
+@click.option("--insecure-no-auth", is_flag=True, envvar="SPANFLAME_INSECURE_NO_AUTH",
+              help="Listen beyond loopback without a token (anyone reaching it can read and "
+                   "write).")
 @click.option("--retention-hours", type=float, default=72.0, show_default=True,
               envvar="SPANFLAME_RETENTION_HOURS", help="Delete profiles older than this.")
 @click.option("--retention-size", default="10GiB", show_default=True,
-              envvar="SPANFLAME_RETENTION_SIZE", help="Keep the stored profiles under this size.")
+              envvar="SPANFLAME_RETENTION_SIZE",
+              help="Keep the store's database (profiles and spans) under this size; the oldest "
+              "data goes first and the file shrinks.")
 @click.option("--cpu-budget", type=float, default=1.0, show_default=True,
               envvar="SPANFLAME_CPU_BUDGET", metavar="PERCENT",
               help="Agent CPU (itself and py-spy) per 10 profiled processes, in % of one core.")
@@ -426,12 +455,13 @@ def run(store: str, listen: str, otlp_listen: str, rate: int, sampler: str, wind
         include: str | None, exclude: str | None, export_pyroscope: str | None,
         export_pyroscope_tenant, export_pyroscope_user, export_pyroscope_password,
         export_pyroscope_token, otlp_forward: str | None, auth_token: str | None,
-        retention_hours: float, retention_size: str, cpu_budget: float, node: str | None,
-        span_wait: float) -> None:
+        allowed_hosts: str | None, insecure_no_auth: bool, retention_hours: float,
+        retention_size: str, cpu_budget: float, node: str | None, span_wait: float) -> None:
     """Profile every Python process on this machine, continuously; serve the UI and API."""
     import signal as _signal
 
     from agent.attach import parse_probes
+    from agent.httpguard import parse_allowed_hosts
     from agent.run import Agent, RunOptions
 
     if not 1 <= rate <= 1000:
@@ -443,7 +473,9 @@ def run(store: str, listen: str, otlp_listen: str, rate: int, sampler: str, wind
         probes=parse_probes(probes), include=include, exclude=exclude,
         export_pyroscope=export_pyroscope, export_tenant=export_pyroscope_tenant,
         export_user=export_pyroscope_user, export_password=export_pyroscope_password,
-        export_token=export_pyroscope_token, otlp_forward=otlp_forward, auth_token=auth_token,
+        export_token=export_pyroscope_token, otlp_forward=otlp_forward,
+        auth_token=_auth_token(auth_token), allowed_hosts=parse_allowed_hosts(allowed_hosts),
+        insecure_no_auth=insecure_no_auth,
         retention_hours=retention_hours, retention_bytes=_size(retention_size),
         cpu_budget=cpu_budget / 100, span_wait_s=span_wait, sampler=sampler,
         **({"node": node} if node else {}))
@@ -485,15 +517,30 @@ Examples:
 @click.option("--listen", default="127.0.0.1:4040", show_default=True, envvar="SPANFLAME_LISTEN",
               metavar="HOST:PORT", help="Web UI and HTTP API.")
 @click.option("--auth-token", default=None, envvar="SPANFLAME_AUTH_TOKEN",
-              help="Require this bearer token for the UI's data and the API.")
-def serve(store: str, listen: str, auth_token: str | None) -> None:
+              help="Require this bearer token for the UI's data and the API (required to listen "
+                   "beyond loopback).")
+@click.option("--allowed-hosts", default=None, envvar="SPANFLAME_ALLOWED_HOSTS", metavar="LIST",
+              help="Host header names accepted besides loopback names, IP addresses and this "
+                   "machine's name: comma-separated, '.suffix' for a domain.")
+@click.option("--insecure-no-auth", is_flag=True, envvar="SPANFLAME_INSECURE_NO_AUTH",
+              help="Listen beyond loopback without a token.")
+def serve(store: str, listen: str, auth_token: str | None, allowed_hosts: str | None,
+          insecure_no_auth: bool) -> None:
     """Serve the UI and API over an existing store, read-only (no profiling, no ingest)."""
     import signal as _signal
     import threading as _threading
 
+    from agent.httpguard import parse_allowed_hosts
     from agent.ui import ReadOnlyAgent
 
-    agent = ReadOnlyAgent(store, listen=listen, auth_token=auth_token).start()
+    from agent.httpguard import check_exposure
+    from agent.httpserver import parse_listen
+
+    token = _auth_token(auth_token)
+    check_exposure([parse_listen(listen)], token, insecure_no_auth)  # before opening the store
+    agent = ReadOnlyAgent(store, listen=listen, auth_token=token,
+                          allowed_hosts=parse_allowed_hosts(allowed_hosts),
+                          insecure_no_auth=insecure_no_auth).start()
     click.echo(f"spanflame: serving {store} read-only on {agent.url}", err=True)
     done = _threading.Event()
     _signal.signal(_signal.SIGTERM, lambda *a: done.set())

@@ -54,3 +54,13 @@ class ProfileDecodeError(InputError):
 
 class ProbeError(SpanflameError):
     """An eBPF probe cannot be loaded or attached."""
+
+
+class StoreFull(SpanflameError):
+    """The store's disk (or filesystem) is full: nothing was written. `path` is the database."""
+
+    def __init__(self, path: str, free_bytes: int | None) -> None:
+        free = "" if free_bytes is None else f", {free_bytes} bytes free"
+        super().__init__(f"disk full: cannot write the store {path}{free}")
+        self.path = path
+        self.free_bytes = free_bytes

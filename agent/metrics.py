@@ -16,7 +16,11 @@ class Metrics:
         self.otlp_spans_rejected = Counter(f"{NS}_otlp_spans_rejected",
                                            "spans rejected (partial success)", registry=r)
         self.spans_held = Gauge(f"{NS}_spans_held", "spans held in memory", registry=r)
-        self.spans_evicted = Counter(f"{NS}_spans_evicted", "spans dropped from memory (bound)",
+        self.spans_held_bytes = Gauge(f"{NS}_spans_held_bytes",
+                                      "estimated bytes of the spans held in memory", registry=r)
+        self.spans_evicted = Counter(f"{NS}_spans_evicted",
+                                     "spans dropped from memory at the byte bound (they stay "
+                                     "in the store, but later samples cannot link to them)",
                                      registry=r)
         self.forward_sent = Counter(f"{NS}_otlp_forward_sent", "OTLP requests forwarded",
                                     registry=r)
@@ -72,6 +76,9 @@ class Metrics:
                                registry=r)
         self.store_bytes = Gauge(f"{NS}_store_bytes", "bytes of profiles in the store",
                                  registry=r)
+        self.store_full = Counter(f"{NS}_store_disk_full",
+                                  "writes refused because the store's disk is full",
+                                  registry=r)
         self.store_deleted = Counter(f"{NS}_store_deleted", "profiles deleted by retention",
                                      registry=r)
         self.probe_drops = Gauge(f"{NS}_probe_drops", "eBPF probe drops and errors, by kind",

@@ -13,7 +13,9 @@ We run `py-spy record --format chrometrace --idle --threads --nonblocking`:
 
 py-spy samples at exponentially distributed intervals (mean 1/rate), which avoids aliasing.
 It is stopped with SIGINT at the deadline and then writes its output; it also stops by itself
-when the target exits, and we keep what it wrote.
+when the target exits, and we keep what it wrote. py-spy dies with the process that started it
+(parent-death signal), and its scratch directory is removed on every exit path
+(agent/children.py).
 """
 
 from __future__ import annotations
@@ -25,19 +27,21 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
+from agent.children import scratch_dir, spawn
 from agent.errors import NoSuchProcess, NotPython, SamplerError, TargetPermissionError
 from agent.model import Frame, Stack
 from agent.timeline import Slice, ThreadTimeline
 
 _THREAD_FRAME = re.compile(r"^thread \((\d+|0x[0-9A-Fa-f]+)\)(?:: (.*))?$", re.S)
 _PYTHON_NAME = re.compile(r"(^|/)(lib)?python\d*(\.\d+)*[dmu]*(\.so[.\d]*)?$")
+#: Scratch directories: /tmp/spanflame-pyspy-<pidns>-<owner pid>-<owner start>-<random>
+SCRATCH_PREFIX = "spanflame-pyspy-"
 
 #: py-spy's output ends here; bound what we read back.
 MAX_TRACE_BYTES = 512 * 1024 * 1024
@@ -157,7 +161,7 @@ class PySpyRecorder:
         self.nonblocking = nonblocking
         self.native = native
         self._proc: subprocess.Popen | None = None
-        self._dir: tempfile.TemporaryDirectory | None = None
+        self._dir: Path | None = None
         self.start_ns = 0
         self._stopped_ns = 0
 
@@ -171,7 +175,7 @@ class PySpyRecorder:
     @property
     def trace_path(self) -> Path:
         assert self._dir is not None
-        return Path(self._dir.name) / "trace.json"
+        return self._dir / "trace.json"
 
     def command(self) -> list[str]:
         cmd = [pyspy_path(), "record", "--pid", str(self.pid), "--rate", str(self.rate_hz),
@@ -189,17 +193,14 @@ class PySpyRecorder:
     def start(self) -> None:
         if self._proc is not None:
             return
-        self._dir = tempfile.TemporaryDirectory(prefix="spanflame-pyspy-")
-        out = open(Path(self._dir.name) / "stdout", "wb")
-        err = open(Path(self._dir.name) / "stderr", "wb")
+        self._dir = scratch_dir(SCRATCH_PREFIX)
         try:
-            self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out,
-                                          stderr=err, start_new_session=True)
+            with open(self._dir / "stdout", "wb") as out, open(self._dir / "stderr", "wb") as err:
+                self._proc = spawn(self.command(), stdin=subprocess.DEVNULL, stdout=out,
+                                   stderr=err, start_new_session=True)
         except OSError as exc:
+            self.close()
             raise SamplerError(f"cannot run py-spy: {exc.strerror or exc}") from None
-        finally:
-            out.close()
-            err.close()
         # py-spy creates its chrometrace recorder (ts = 0) as the first thing it does.
         self.start_ns = time.time_ns()
         if self.output == "chrometrace":
@@ -254,7 +255,7 @@ class PySpyRecorder:
     def _read(self, name: str) -> str:
         assert self._dir is not None
         try:
-            return (Path(self._dir.name) / name).read_bytes()[-65536:].decode("utf-8", "replace")
+            return (self._dir / name).read_bytes()[-65536:].decode("utf-8", "replace")
         except OSError:
             return ""
 
@@ -263,7 +264,7 @@ class PySpyRecorder:
             self._proc.kill()
             self._proc.wait()
         if self._dir is not None:
-            self._dir.cleanup()
+            shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
 

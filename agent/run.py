@@ -23,6 +23,7 @@ import logging
 import os
 import resource
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,13 +31,14 @@ from dataclasses import dataclass, field
 from agent.aggregate import add_pieces, fill_sample_counts, new_profile, timeline_pieces
 from agent.clocksync import estimate_error_ns, run_transitions, shift, span_transitions
 from agent.discovery import Discovery, Target
-from agent.errors import NoSuchProcess, SamplerError, SpanflameError, TargetError
+from agent.errors import NoSuchProcess, SamplerError, SpanflameError, StoreFull, TargetError
 from agent.k8s import PodResolver
 from agent.metrics import Metrics
 from agent.model import SAMPLE_TYPES, Profile
 from agent.pyspy import PySpyRecorder, Recording
 from agent.schedstat import SchedstatPoller
-from agent.spans import SpanStore
+from agent.spans import SpanRecord, SpanStore
+from agent.spanwriter import SpanWriter
 from agent.store import Store
 from agent.timeline import PiecewiseCpu
 
@@ -65,6 +67,10 @@ class RunOptions:
     export_token: str | None = None
     otlp_forward: str | None = None
     auth_token: str | None = None
+    #: Host header names accepted besides loopback names and IPs (agent/httpguard.py)
+    allowed_hosts: tuple[str, ...] = ()
+    #: listen beyond loopback without a token
+    insecure_no_auth: bool = False
     node: str = field(default_factory=lambda: os.environ.get("SPANFLAME_NODE") or socket.gethostname())
     retention_hours: float = 72.0
     retention_bytes: int = 10 << 30
@@ -76,7 +82,9 @@ class RunOptions:
     #: the GIL only): py-spy reads every thread's stack at every sample otherwise, which costs
     #: about a third of a core for 150 threads at 19 Hz on these machines
     gil_only_threads: int = 32
-    max_spans: int = 200_000
+    max_spans: int | None = None
+    #: bytes of spans held in memory for linking (agent/spans.py span_bytes estimates them)
+    max_span_bytes: int = 64 << 20
     #: where stacks come from: auto (the kernel walker where it can, else py-spy), bpf, py-spy
     sampler: str = "auto"
 
@@ -267,6 +275,8 @@ class Pipeline:
                 try:
                     self.agent.build_window(job)
                     self.agent.metrics.windows.labels(result="ok").inc()
+                except StoreFull:  # logged (once a minute) and counted by the store
+                    self.agent.metrics.windows.labels(result="dropped").inc()
                 except Exception:  # loop edge: one bad window must not stop the agent
                     log.exception("building window of PID %d failed", job.target.pid)
                     self.agent.metrics.windows.labels(result="failed").inc()
@@ -282,6 +292,8 @@ class Pipeline:
             for job in jobs:
                 try:
                     self.agent.build_window(job)
+                except StoreFull:
+                    pass  # logged by the store
                 except Exception:
                     log.exception("flushing window of PID %d failed", job.target.pid)
 
@@ -292,7 +304,10 @@ class Agent:
         self.metrics = Metrics()
         self.store = Store(opts.store, retention_s=opts.retention_hours * 3600,
                            max_bytes=opts.retention_bytes)
-        self.spans = SpanStore(max_spans=opts.max_spans)
+        self.store.on_full = lambda _err: self.metrics.store_full.inc()
+        self.spans = SpanStore(max_spans=opts.max_spans, max_bytes=opts.max_span_bytes)
+        #: OTLP batches into the store (durable) before their 200, then into self.spans
+        self.span_writer = SpanWriter(self.store, self.spans)
         self.discovery = Discovery(opts.include, opts.exclude)
         self.pods = PodResolver(opts.node)
         self.pipeline = Pipeline(self)
@@ -315,7 +330,7 @@ class Agent:
         self._scan_thread = threading.Thread(target=self._scan_loop, name="spanflame-discovery",
                                              daemon=True)
         self._last_usage = None
-        self._persisted_spans: set[str] = set()
+        self._evicted_seen = 0
         self._kernel_keys: dict[int, object] = {}
         self._warned: set[str] = set()
         self._next_housekeeping = 0.0
@@ -324,8 +339,15 @@ class Agent:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> "Agent":
+        from agent.httpguard import check_exposure, check_token
+        from agent.httpserver import parse_listen
+        from agent.senders import SenderCheck
         from agent.server import build_apps
 
+        # Before anything is loaded: a refusal is one line, at once.
+        check_exposure([parse_listen(self.opts.listen), parse_listen(self.opts.otlp_listen)],
+                       check_token(self.opts.auth_token), self.opts.insecure_no_auth)
+        self.sender_check = SenderCheck(metrics=self.metrics)
         self.started_ns = time.time_ns()
         from agent.kernelsource import KernelWindows
 
@@ -349,6 +371,8 @@ class Agent:
             for name, why in self.probes_off.items():
                 log.warning("probe %s off: %s", name, why)
                 self.metrics.degraded.labels(what=f"probe {name} off").set(1)
+        self._reload_spans()
+        self.span_writer.start()
         self.kernel_windows = KernelWindows(self, self.opts.window_s).start()
         if self.walker_on:  # what suspended asyncio tasks with open spans await
             from agent.awaits import AwaitPoller
@@ -375,6 +399,26 @@ class Agent:
         self.pipeline.start()
         self._scan_thread.start()
         return self
+
+    def _reload_spans(self) -> None:
+        """Hold again the spans stored recently (before a restart or a crash), so that windows
+        wait for a process's spans as they did and link to the spans still open around them."""
+        since = time.time_ns() - int((self.opts.span_wait_s + 3 * self.opts.window_s) * 1e9)
+        try:
+            rows = self.store.recent_spans(since)
+        except Exception:  # loop edge: an unreadable store is reported by its first write
+            log.exception("reloading recent spans failed")
+            return
+        self.spans.add(SpanRecord(
+            trace_id=r["trace_id"], span_id=r["span_id"], parent_span_id=r["parent_span_id"],
+            name=sys.intern(r["name"]), service=sys.intern(r["service"]), pid=r["pid"],
+            tid=r["tid"], start_ns=r["start_ns"], end_ns=r["end_ns"], status=r["status"],
+            kind=r["kind"], attributes=tuple(sorted((str(k), str(v)) for k, v in
+                                                    (r["attributes"] or {}).items())))
+            for r in rows)
+        if rows:
+            log.info("holding %d spans stored in the last %.0f s again", len(rows),
+                     (time.time_ns() - since) / 1e9)
 
     @property
     def url(self) -> str:
@@ -417,12 +461,12 @@ class Agent:
         step("kernel windows", kernel)
         step("await poller", lambda: self.awaits is not None and self.awaits.close())
         step("pending windows", lambda: self.pipeline.close(flush=True))
-        step("spans", lambda: self._persist_spans(final=True))
         step("probes", lambda: self.session is not None and self.session.close())
         step("exporter", lambda: self.exporter is not None and self.exporter.close())
         step("forwarder", lambda: self.forwarder is not None and self.forwarder.close())
         for s in self.servers:
             step("server", s.close)
+        step("span writer", self.span_writer.close)
         step("store", self.store.close)
         log.info("stopped in %.1f s (%s)", time.monotonic() - t0,
                  ", ".join(f"{n} {d:.1f} s" for n, d in steps if d >= 0.05))
@@ -443,7 +487,10 @@ class Agent:
                             "to stay in the CPU budget")
         fallbacks = sorted({why for source, why in self.sources.values() if why})
         degraded += [f"stacks from py-spy or none: {w}" for w in fallbacks]
-        return {"status": "ok",
+        full = self.store.full
+        if full:
+            degraded.insert(0, full)
+        return {"status": "degraded" if full else "ok",
                 "processes": sum(1 for s, _w in self.sources.values() if s != "none"),
                 "sampler": self.opts.sampler, "walker": self.walker_on,
                 "probes": self.session.active if self.session else [],
@@ -459,13 +506,24 @@ class Agent:
                 self.scan_once()
                 if time.monotonic() >= next_retention:
                     next_retention = time.monotonic() + 60
-                    deleted = self.store.enforce_retention()
+                    try:
+                        deleted = self.store.enforce_retention()
+                    except StoreFull:  # logged and counted by the store; next round
+                        deleted = 0
                     if deleted:
                         self.metrics.store_deleted.inc(deleted)
                     self.metrics.store_bytes.set(self.store.data_bytes())
+                self._span_metrics()
             except Exception:  # loop edge
                 log.exception("discovery failed")
             self._stop.wait(self.opts.scan_s)
+
+    def _span_metrics(self) -> None:
+        m, st = self.metrics, self.spans
+        m.spans_held.set(len(st))
+        m.spans_held_bytes.set(st.bytes)
+        m.spans_evicted.inc(max(0, st.evicted - self._evicted_seen))
+        self._evicted_seen = st.evicted
 
     def scan_once(self) -> None:
         found = self.discovery.scan()
@@ -657,20 +715,7 @@ class Agent:
                 else:
                     bd["windows"] = [window[0]]
             rows.append({**_span_row(s), "breakdown": bd})
-            self._persisted_spans.add(s.span_id)
         self.store.add_spans(rows)
-
-    def _persist_spans(self, final: bool = False) -> None:
-        """Spans of processes we do not profile (and any not yet stored), once they are old
-        enough that no window will claim them."""
-        cutoff = time.time_ns() - (0 if final else int(self.opts.span_wait_s * 2e9))
-        rows = [_span_row(s) for s in self.spans.all()
-                if s.end_ns < cutoff and s.span_id not in self._persisted_spans]
-        if rows:
-            self.store.add_spans([{**r, "breakdown": None} for r in rows])
-            self._persisted_spans.update(r["span_id"] for r in rows)
-        if len(self._persisted_spans) > 4 * self.opts.max_spans:
-            self._persisted_spans = {s.span_id for s in self.spans.all()}
 
     def after_round(self) -> None:
         """Housekeeping after windows were built: spans, probe records, the CPU budget."""
@@ -678,7 +723,6 @@ class Agent:
         if now < self._next_housekeeping:
             return
         self._next_housekeeping = now + self.opts.window_s
-        self._persist_spans()
         if self.session is not None and self.bpf_on:
             oldest = time.time_ns() - int((self.opts.span_wait_s + 3 * self.opts.window_s) * 1e9)
             self.session.prune(oldest)

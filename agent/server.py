@@ -2,24 +2,25 @@
 OTLP receiver (on its own port unless both share one) and the web UI.
 
 Every handler that touches the store runs in a worker thread (the store is synchronous).
-Bad parameters get a 400 with a reason; with --auth-token every route but /healthz wants
-`Authorization: Bearer <token>` (or, for browsers following a link, `?token=`).
+Bad parameters get a 400 with a reason. Who may call which route (token, Host header, what a
+web page may send) is agent/httpguard.py, one middleware in front of both apps; which processes
+an OTLP sender may name in its spans is agent/senders.py.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from agent import pprof
+from agent.errors import StoreFull
+from agent.httpguard import Policy, RequestGuard
 from agent.model import SAMPLE_TYPES, Profile
 from agent.otlp_receiver import OtlpReceiver
 from agent.params import (MAX_RANGE_S, BadRequest, hex_id as _hex, integer as _int,
@@ -45,18 +46,31 @@ def query_profile(agent, q) -> tuple[Profile | None, int]:
     found = agent.store.find(start_ns=start, end_ns=end, type_name=type_name,
                              service=text(q, "service"), pid=pid, labels=series or None,
                              span_id=span_id, trace_id=trace_id)
-    sample = {k: v for k, v in extra.items() if k not in series}
+    # Keys outside the index: a series label (a pushed tag such as env) or a sample label.
+    tags = {k: v for k, v in extra.items() if k not in series}
+    sample = {}
     if span_id:
         sample["span_id"] = span_id
     if trace_id:
         sample["trace_id"] = trace_id
-    merged = agent.store.merged(found, sample_labels=sample or None, type_name=type_name)
+    merged = agent.store.merged(found, sample_labels=sample or None, type_name=type_name,
+                                tags=tags or None)
     return merged, len(found)
 
 
 def _empty(type_name: str, start: int, end: int) -> Profile:
     t = SAMPLE_TYPES.get(type_name) or (type_name, "count")
     return Profile([t], time_ns=start, duration_ns=end - start, default_sample_type=type_name)
+
+
+async def _store_full(request: Request, exc: StoreFull) -> Response:
+    """A write refused for a full disk: 507 with the reason (OTLP: 503 and Retry-After, which
+    OTLP exporters retry; 507 is not retryable there)."""
+    status = 503 if request.url.path == "/v1/traces" else 507
+    return PlainTextResponse(f"{exc}\n", status_code=status, headers={"retry-after": "60"})
+
+
+EXCEPTION_HANDLERS = {StoreFull: _store_full}
 
 
 def build_apps(agent) -> tuple[Starlette, Starlette]:
@@ -142,22 +156,25 @@ def build_apps(agent) -> tuple[Starlette, Starlette]:
         Route("/api/services", api_services),
     ]
     routes += ui_routes(agent)
-    middleware = []
-    if agent.opts.auth_token:
-        middleware.append(Middleware(TokenAuth, token=agent.opts.auth_token))
+    middleware = [Middleware(RequestGuard, policy=Policy.from_options(agent.opts))]
     ingest = None
     if read_only:  # `spanflame serve`: no ingest, no OTLP
-        return Starlette(routes=routes, middleware=middleware), None
+        return Starlette(routes=routes, middleware=middleware,
+                         exception_handlers=EXCEPTION_HANDLERS), None
     ingest = PyroscopeIngest(agent.ingest, metrics=m,
                              retention_s=agent.store.retention_s)
-    otlp = OtlpReceiver(agent.spans, forwarder=agent.forwarder, metrics=m)
+    senders = getattr(agent, "sender_check", None)  # agent/senders.py
+    otlp = OtlpReceiver(agent.spans, forwarder=agent.forwarder, metrics=m,
+                        sink=agent.span_writer.submit,
+                        sender_check=senders.check if senders is not None else None)
     routes += ingest.routes()
     shared = agent.opts.listen == agent.opts.otlp_listen
     if shared:
         routes += otlp.routes()
-    main = Starlette(routes=routes, middleware=middleware)
+    main = Starlette(routes=routes, middleware=middleware,
+                     exception_handlers=EXCEPTION_HANDLERS)
     otlp_app = Starlette(routes=otlp.routes() + [Route("/healthz", healthz)],
-                         middleware=middleware)
+                         middleware=middleware, exception_handlers=EXCEPTION_HANDLERS)
     return main, otlp_app
 
 
@@ -170,24 +187,3 @@ def _span_json(r: dict) -> dict:
     out["breakdown"] = r.get("breakdown")
     return out
 
-
-#: Paths served without the bearer token: the shell and its assets carry no data.
-def public_path(path: str) -> bool:
-    return (path in ("/", "/explore", "/spans", "/flamegraph", "/healthz", "/readyz")
-            or path.startswith("/static/") or path.startswith("/trace/"))
-
-
-class TokenAuth(BaseHTTPMiddleware):
-    def __init__(self, app, token: str) -> None:
-        super().__init__(app)
-        self.token = token.encode()
-
-    async def dispatch(self, request: Request, call_next):
-        if public_path(request.url.path):
-            return await call_next(request)
-        auth = request.headers.get("authorization", "")
-        given = auth[7:] if auth.lower().startswith("bearer ") else request.query_params.get("token", "")
-        if not hmac.compare_digest(given.encode(), self.token):
-            return PlainTextResponse("missing or wrong bearer token\n", status_code=401,
-                                     headers={"www-authenticate": "Bearer"})
-        return await call_next(request)

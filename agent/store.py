@@ -4,7 +4,12 @@ holds.
 
 Crash safety: every write is one transaction; SQLite commits in WAL mode with synchronous=FULL
 are durable once `commit` returns, so a kill -9 (or power loss) at any moment loses nothing that
-was acknowledged. Retention (by age and total size) deletes whole profiles.
+was acknowledged. A write that finds the disk full raises `StoreFull` (naming the database and
+the free space; `full` says why until a write succeeds again) and changes nothing.
+
+Retention: by age, then by size: `max_bytes` bounds the database file (pages in use), the oldest
+profiles (then spans) go first, and the freed pages are given back to the filesystem
+(auto_vacuum=INCREMENTAL, then a truncating WAL checkpoint), so the file shrinks.
 
 Queries merge the profiles of a time range (and label filters) into one Profile. A span query
 reads only the profiles whose index says they hold the span.
@@ -15,6 +20,7 @@ SQLite's own lock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +32,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from agent import pprof
-from agent.errors import SpanflameError
+from agent.errors import SpanflameError, StoreFull
 from agent.model import Profile
 
 log = logging.getLogger(__name__)
@@ -126,7 +132,8 @@ class StoredProfile:
 
 class Store:
     def __init__(self, path: str | os.PathLike, *, retention_s: float = 72 * 3600,
-                 max_bytes: int = 10 << 30, read_only: bool = False) -> None:
+                 max_bytes: int = 10 << 30, read_only: bool = False,
+                 reserve_bytes: int = 2 << 20) -> None:
         self.dir = Path(path)
         self.read_only = read_only
         self.db_path = self.dir / "spanflame.db"
@@ -140,20 +147,45 @@ class Store:
                 raise SpanflameError(f"cannot use store {self.dir}: {exc.strerror or exc}") from None
         self.retention_s = retention_s
         self.max_bytes = max_bytes
+        #: disk held in spanflame.reserve, given up so that retention can delete on a full disk
+        self.reserve_bytes = reserve_bytes
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self.writes = 0
         self.deleted = 0
+        #: why the last write failed for a full disk (None once a write succeeds)
+        self.full: str | None = None
+        self.full_errors = 0
+        #: called with the StoreFull of each write refused for a full disk (metrics, health)
+        self.on_full = None
+        self._full_logged = self._full_at = 0.0
         try:
             con = self._con()
             if read_only:
                 con.execute("SELECT COUNT(*) FROM profiles").fetchone()
             else:
+                self._use_incremental_vacuum(con)
                 con.executescript(SCHEMA)
                 con.commit()
                 self._backfill_series(con)
+                self._take_reserve()
         except sqlite3.Error as exc:
             raise SpanflameError(f"cannot open store {self.db_path}: {exc}") from None
+
+    def _use_incremental_vacuum(self, con: sqlite3.Connection) -> None:
+        """Pages freed by retention go back to the filesystem (PRAGMA incremental_vacuum) only
+        with auto_vacuum=INCREMENTAL: set before the first table, or by one VACUUM for a store
+        written before."""
+        if con.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+            return
+        con.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        if con.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is not None:
+            log.info("store %s: converting to incremental vacuum (one VACUUM)", self.db_path)
+        try:  # (an empty database too: WAL mode has already written its first page)
+            con.execute("VACUUM")
+        except sqlite3.Error as exc:  # e.g. no room for the copy: retention still deletes
+            log.warning("store %s: VACUUM failed (%s); freed space is reused but the file "
+                        "will not shrink", self.db_path, exc)
 
     def _backfill_series(self, con: sqlite3.Connection) -> None:
         """Stores written before the series table existed: build it once from the profiles."""
@@ -161,12 +193,10 @@ class Store:
             return
         if con.execute("SELECT 1 FROM profiles LIMIT 1").fetchone() is None:
             return
-        with self._write_lock:
-            con.execute("BEGIN IMMEDIATE")
+        with self._txn(con):
             con.execute("INSERT OR IGNORE INTO series SELECT service, type, pid, labels, "
                         "MIN(start_ns), MAX(end_ns) FROM profiles "
                         "GROUP BY service, type, pid, labels")
-            con.execute("COMMIT")
 
     def _con(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
@@ -184,8 +214,51 @@ class Store:
             con.execute("PRAGMA synchronous=FULL")
             con.execute("PRAGMA foreign_keys=OFF")
             con.execute("PRAGMA busy_timeout=30000")
+            # The WAL is truncated back to this after checkpoints (it counts in the file size).
+            con.execute("PRAGMA journal_size_limit=4194304")
             self._local.con = con
         return con
+
+    @contextlib.contextmanager
+    def _txn(self, con: sqlite3.Connection):
+        """One write transaction, under the write lock. On any error it is rolled back if SQLite
+        has not already done so (a failed COMMIT on a full disk has: a second ROLLBACK would
+        replace the real error with "cannot rollback - no transaction is active"); a full disk
+        becomes StoreFull."""
+        with self._write_lock:
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                yield con
+                con.execute("COMMIT")
+            except BaseException as exc:
+                if con.in_transaction:
+                    try:
+                        con.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                if isinstance(exc, sqlite3.Error) and _is_full(exc):
+                    raise self._full(exc) from None
+                raise
+        if self.full is not None and time.monotonic() - self._full_at > 60:
+            self.full = None  # (a small write may pass on a disk still full: not at once)
+
+    def _full(self, exc: sqlite3.Error) -> StoreFull:
+        try:
+            st = os.statvfs(self.dir)
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = None
+        err = StoreFull(str(self.db_path), free)
+        self.full = str(err)
+        self.full_errors += 1
+        now = self._full_at = time.monotonic()
+        if now - self._full_logged > 60:  # once a minute while it lasts
+            self._full_logged = now
+            log.error("%s (on the filesystem of %s; SQLite: %s): writes are refused until "
+                      "space is freed or retention deletes enough", err, self.dir, exc)
+        if self.on_full is not None:
+            self.on_full(err)
+        return err
 
     def close(self) -> None:
         con = getattr(self._local, "con", None)
@@ -210,27 +283,21 @@ class Store:
                 pid: int, labels: dict, source: str, spans: Iterable[tuple[str, str]] = (),
                 total: int = 0) -> int:
         con = self._con()
-        with self._write_lock:
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                lab = json.dumps(labels, sort_keys=True)
-                cur = con.execute(
-                    "INSERT INTO profiles(start_ns, end_ns, type, service, pid, labels, source, "
-                    "size, total) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (start_ns, end_ns, type_name, service, pid, lab, source, len(data), total))
-                con.execute(
-                    "INSERT INTO series VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
-                    "first_ns = MIN(first_ns, excluded.first_ns), "
-                    "last_ns = MAX(last_ns, excluded.last_ns)",
-                    (service, type_name, pid, lab, start_ns, end_ns))
-                pid_row = cur.lastrowid
-                con.execute("INSERT INTO blobs(id, data) VALUES (?, ?)", (pid_row, data))
-                con.executemany("INSERT INTO profile_spans(span_id, trace_id, profile_id) "
-                                "VALUES (?,?,?)", [(s, t, pid_row) for s, t in spans])
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+        with self._txn(con):
+            lab = json.dumps(labels, sort_keys=True)
+            cur = con.execute(
+                "INSERT INTO profiles(start_ns, end_ns, type, service, pid, labels, source, "
+                "size, total) VALUES (?,?,?,?,?,?,?,?,?)",
+                (start_ns, end_ns, type_name, service, pid, lab, source, len(data), total))
+            con.execute(
+                "INSERT INTO series VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+                "first_ns = MIN(first_ns, excluded.first_ns), "
+                "last_ns = MAX(last_ns, excluded.last_ns)",
+                (service, type_name, pid, lab, start_ns, end_ns))
+            pid_row = cur.lastrowid
+            con.execute("INSERT INTO blobs(id, data) VALUES (?, ?)", (pid_row, data))
+            con.executemany("INSERT INTO profile_spans(span_id, trace_id, profile_id) "
+                            "VALUES (?,?,?)", [(s, t, pid_row) for s, t in spans])
         self.writes += 1
         return pid_row
 
@@ -239,23 +306,29 @@ class Store:
         if not rows:
             return
         con = self._con()
-        with self._write_lock:
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                con.executemany(
-                    "INSERT OR REPLACE INTO spans(span_id, trace_id, parent_span_id, name, "
-                    "service, pid, tid, start_ns, end_ns, duration_ns, status, kind, attributes, "
-                    "breakdown) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [(r["span_id"], r["trace_id"], r.get("parent_span_id", ""), r["name"],
-                      r["service"], r.get("pid", 0), r.get("tid", 0), r["start_ns"], r["end_ns"],
-                      r["end_ns"] - r["start_ns"], r.get("status", "unset"),
-                      r.get("kind", "internal"), json.dumps(r.get("attributes", {})),
-                      json.dumps(r["breakdown"]) if r.get("breakdown") is not None else None)
-                     for r in rows])
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+        with self._txn(con):
+            con.executemany(
+                "INSERT OR REPLACE INTO spans(span_id, trace_id, parent_span_id, name, "
+                "service, pid, tid, start_ns, end_ns, duration_ns, status, kind, attributes, "
+                "breakdown) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(r["span_id"], r["trace_id"], r.get("parent_span_id", ""), r["name"],
+                  r["service"], r.get("pid", 0), r.get("tid", 0), r["start_ns"], r["end_ns"],
+                  r["end_ns"] - r["start_ns"], r.get("status", "unset"),
+                  r.get("kind", "internal"), json.dumps(r.get("attributes", {})),
+                  json.dumps(r["breakdown"]) if r.get("breakdown") is not None else None)
+                 for r in rows])
+
+    def insert_spans(self, rows: Sequence[tuple]) -> None:
+        """New spans as `spans` rows (agent/spanwriter.py span_row), in one transaction; a span
+        already stored (resent, or with its breakdown written since) is kept as it is."""
+        if not rows:
+            return
+        con = self._con()
+        with self._txn(con):
+            con.executemany("INSERT OR IGNORE INTO spans(span_id, trace_id, parent_span_id, "
+                            "name, service, pid, tid, start_ns, end_ns, duration_ns, status, "
+                            "kind, attributes, breakdown) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                            rows)
 
     # -- reading ------------------------------------------------------------------------------
     def find(self, *, start_ns: int, end_ns: int, type_name: str, service: str | None = None,
@@ -300,10 +373,19 @@ class Store:
         return row[0] if row else None
 
     def merged(self, found: Sequence[StoredProfile], *, sample_labels: dict | None = None,
-               type_name: str | None = None) -> Profile | None:
-        """Decode and merge stored profiles, keeping samples whose labels match `sample_labels`."""
+               type_name: str | None = None, tags: dict | None = None) -> Profile | None:
+        """Decode and merge stored profiles, keeping samples whose labels match `sample_labels`.
+
+        `tags` are filters outside the index (e.g. a pushed `env`): a profile whose series
+        labels have the key must match it there, else its samples must carry it."""
         merged = None
         for sp in found:
+            sample_filter = sample_labels
+            if tags:
+                if any(k in sp.labels and str(sp.labels[k]) != str(v) for k, v in tags.items()):
+                    continue
+                rest = {k: v for k, v in tags.items() if k not in sp.labels}
+                sample_filter = {**(sample_labels or {}), **rest} or None
             data = self.blob(sp.id)
             if data is None:
                 continue
@@ -312,8 +394,8 @@ class Store:
             except SpanflameError as exc:  # a stored blob we cannot read: skip it, log once
                 log.warning("stored profile %d unreadable: %s", sp.id, exc)
                 continue
-            if sample_labels:
-                prof = prof.filtered(sample_labels)
+            if sample_filter:
+                prof = prof.filtered(sample_filter)
             if merged is None:
                 merged = prof
             else:
@@ -428,6 +510,10 @@ class Store:
         args.append(limit)
         return self._spans("WHERE " + " AND ".join(where) + f" ORDER BY {order} LIMIT ?", args)
 
+    def recent_spans(self, since_ns: int, limit: int = 200_000) -> list[dict]:
+        """Spans that ended after `since_ns`, oldest first (to hold again after a restart)."""
+        return self._spans("WHERE end_ns > ? ORDER BY end_ns LIMIT ?", (since_ns, limit))
+
     def spans_near(self, name: str, service: str, t_ns: int, start_ns: int, end_ns: int,
                    limit: int = 20) -> list[dict]:
         """Spans of this name and service in the range, nearest to t_ns first."""
@@ -451,6 +537,7 @@ class Store:
 
     # -- retention ----------------------------------------------------------------------------
     def size_bytes(self) -> int:
+        """The files on disk: the database and its WAL."""
         total = 0
         for suffix in ("", "-wal"):
             p = Path(str(self.db_path) + suffix)
@@ -458,42 +545,125 @@ class Store:
                 total += p.stat().st_size
         return total
 
+    def used_bytes(self) -> int:
+        """Bytes of the database's pages in use (the file less its free pages)."""
+        con = self._con()
+        pages = con.execute("PRAGMA page_count").fetchone()[0]
+        free = con.execute("PRAGMA freelist_count").fetchone()[0]
+        size = con.execute("PRAGMA page_size").fetchone()[0]
+        return (pages - free) * size
+
     def data_bytes(self) -> int:
         row = self._con().execute("SELECT COALESCE(SUM(size), 0) FROM profiles").fetchone()
         return int(row[0])
 
     def enforce_retention(self, now_ns: int | None = None) -> int:
-        """Delete profiles and spans older than the retention, then the oldest profiles until
-        the stored data fits `max_bytes`. Returns profiles deleted."""
+        """Delete profiles and spans older than the retention, then the oldest data (profiles or
+        spans) until the database's pages in use fit `max_bytes`; give the freed pages back to
+        the filesystem. Returns profiles deleted.
+
+        Deleting writes too (the WAL): on a disk that is full, the reserve file is given up
+        first so that retention can run, and taken again once there is room."""
+        try:
+            return self._enforce_retention(now_ns)
+        except StoreFull:
+            if not self._release_reserve():
+                raise
+            return self._enforce_retention(now_ns)
+        finally:
+            self._take_reserve()
+
+    def _reserve_path(self) -> Path:
+        return self.dir / "spanflame.reserve"
+
+    def _take_reserve(self) -> None:
+        """Hold `reserve_bytes` of the disk in a file, to be given up when the disk is full."""
+        path = self._reserve_path()
+        if self.read_only or not self.reserve_bytes or path.exists():
+            return
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.reserve_bytes)
+            finally:
+                os.close(fd)
+        except OSError:  # no room yet: try again after the next retention
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def _release_reserve(self) -> bool:
+        try:
+            self._reserve_path().unlink()
+        except OSError:
+            return False
+        log.warning("store %s: disk full, gave up the %d-byte reserve so that retention can "
+                    "delete", self.dir, self.reserve_bytes)
+        return True
+
+    def _enforce_retention(self, now_ns: int | None) -> int:
         now_ns = now_ns or time.time_ns()
         cutoff = now_ns - int(self.retention_s * 1e9)
         con = self._con()
-        deleted = 0
-        with self._write_lock:
-            ids = [r[0] for r in con.execute("SELECT id FROM profiles WHERE end_ns < ?", (cutoff,))]
-            total = self.data_bytes()
-            if total > self.max_bytes:
-                acc = 0
-                for pid_, size in con.execute("SELECT id, size FROM profiles WHERE end_ns >= ? "
-                                              "ORDER BY start_ns", (cutoff,)):
-                    if total - acc <= self.max_bytes:
-                        break
-                    ids.append(pid_)
-                    acc += size
-            for i in range(0, len(ids), 500):
-                chunk = ids[i:i + 500]
-                marks = ",".join("?" * len(chunk))
-                con.execute("BEGIN IMMEDIATE")
+        ids = [r[0] for r in con.execute("SELECT id FROM profiles WHERE end_ns < ?", (cutoff,))]
+        deleted = self._delete_profiles(con, ids)
+        with self._txn(con):
+            con.execute("DELETE FROM spans WHERE end_ns < ?", (cutoff,))
+            con.execute("DELETE FROM series WHERE last_ns < ?", (cutoff,))
+        for _round in range(64):
+            excess = self.used_bytes() - self.max_bytes
+            if excess <= 0:
+                break
+            # Oldest data first, profiles or spans. A profile's pages are about its blob plus
+            # its rows, a span's about 400 bytes with its indexes: delete about the excess,
+            # then measure again.
+            oldest_p = con.execute("SELECT MIN(start_ns) FROM profiles").fetchone()[0]
+            oldest_s = con.execute("SELECT MIN(end_ns) FROM spans").fetchone()[0]
+            if oldest_p is None and oldest_s is None:
+                break
+            if oldest_s is not None and (oldest_p is None or oldest_s < oldest_p):
+                bound = oldest_p if oldest_p is not None else 1 << 63
+                with self._txn(con):
+                    con.execute("DELETE FROM spans WHERE span_id IN (SELECT span_id FROM spans "
+                                "WHERE end_ns <= ? ORDER BY end_ns LIMIT ?)",
+                                (bound, max(16, excess // 400)))
+                continue
+            ids, acc = [], 0
+            for pid_, size, start in con.execute(
+                    "SELECT id, size, start_ns FROM profiles ORDER BY start_ns"):
+                if ids and oldest_s is not None and start > oldest_s:
+                    break
+                ids.append(pid_)
+                acc += size + 200
+                if acc >= excess:
+                    break
+            deleted += self._delete_profiles(con, ids)
+        self.deleted += deleted
+        self._give_back(con)
+        if deleted:
+            self.full = None
+        return deleted
+
+    def _delete_profiles(self, con: sqlite3.Connection, ids: list[int]) -> int:
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            with self._txn(con):
                 con.execute(f"DELETE FROM profiles WHERE id IN ({marks})", chunk)
                 con.execute(f"DELETE FROM blobs WHERE id IN ({marks})", chunk)
                 con.execute(f"DELETE FROM profile_spans WHERE profile_id IN ({marks})", chunk)
-                con.execute("COMMIT")
-                deleted += len(chunk)
-            con.execute("BEGIN IMMEDIATE")
-            con.execute("DELETE FROM spans WHERE end_ns < ?", (cutoff,))
-            con.execute("DELETE FROM series WHERE last_ns < ?", (cutoff,))
-            con.execute("COMMIT")
-        self.deleted += deleted
-        if deleted:
-            con.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        return deleted
+        return len(ids)
+
+    def _give_back(self, con: sqlite3.Connection) -> None:
+        """Free pages back to the filesystem, and the WAL truncated (both count on disk)."""
+        try:
+            if con.execute("PRAGMA freelist_count").fetchone()[0]:
+                with self._write_lock:  # executescript steps it to the end (execute: 1 page)
+                    con.executescript("PRAGMA incremental_vacuum;")
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as exc:  # a reader holds the WAL, or the disk is full: next time
+            log.debug("store %s: giving space back failed: %s", self.db_path, exc)
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == getattr(sqlite3, "SQLITE_FULL", 13) or "disk is full" in str(exc)

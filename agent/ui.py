@@ -210,12 +210,14 @@ class View:
               window: tuple[int, int] | None = None) -> Profile | None:
         store = self.agent.store
         found, scale = self._found(type_name, span_ids, window)
-        sample: dict = dict(self.sample)
+        sample: dict = {}
         if span_ids:
             sample["span_id"] = set(span_ids)
         elif self.trace_id and window is None:
             sample["trace_id"] = self.trace_id
-        prof = store.merged(found, sample_labels=sample or None, type_name=type_name)
+        # self.sample: keys outside the index, a series label (pushed tag) or a sample label
+        prof = store.merged(found, sample_labels=sample or None, type_name=type_name,
+                            tags=self.sample or None)
         if prof is not None and scale != 1.0:
             for vec in prof.samples.values():
                 for i, v in enumerate(vec):
@@ -437,14 +439,17 @@ class ReadOnlyAgent:
     read_only = True
 
     def __init__(self, store: str, *, listen: str = "127.0.0.1:4040",
-                 auth_token: str | None = None) -> None:
+                 auth_token: str | None = None, allowed_hosts: tuple[str, ...] = (),
+                 insecure_no_auth: bool = False) -> None:
         from types import SimpleNamespace
 
         from agent.metrics import Metrics
         from agent.store import Store
 
         self.store = Store(store, read_only=True)
-        self.opts = SimpleNamespace(listen=listen, otlp_listen=None, auth_token=auth_token)
+        self.opts = SimpleNamespace(listen=listen, otlp_listen=None, auth_token=auth_token,
+                                    allowed_hosts=allowed_hosts,
+                                    insecure_no_auth=insecure_no_auth)
         self.metrics = Metrics()
         self.spans = None
         self.server = None
@@ -453,8 +458,12 @@ class ReadOnlyAgent:
         from agent.httpserver import ServerThread, parse_listen
         from agent.server import build_apps
 
-        app, _ = build_apps(self)
+        from agent.httpguard import check_exposure, check_token
+
         host, port = parse_listen(self.opts.listen)
+        check_exposure([(host, port)], check_token(self.opts.auth_token),
+                       self.opts.insecure_no_auth)
+        app, _ = build_apps(self)
         self.server = ServerThread(app, host, port, name="http").start()
         return self
 

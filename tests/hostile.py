@@ -168,6 +168,8 @@ OTLP_DEPTH = "OTLP JSON depth: the OTLP decoding part of issue 12"
 
 
 PROTO = {"content-type": "application/proto"}
+#: What pyroscope-io 0.8 sends to /ingest (a CORS-safelisted type would need the token)
+OCTET = {"content-type": "binary/octet-stream"}
 RANGE_ENDPOINTS = ["/api/profile", "/api/spans", "/api/services", "/api/timeline",
                    "/api/flamegraph"]
 
@@ -186,24 +188,24 @@ def reproductions(now_s: float | None = None) -> list[Case]:
                     expect=(400, 400)))
     for k in ("from", "until"):
         out.append(Case(f"ingest {k}=nan", "POST", f"/ingest?name=fuzz-x&format=folded&{k}=nan",
-                        body=b"a;b 1\n", expect=(400, 400)))
-    out.append(Case("ingest until=1e18", "POST", "/ingest?name=fuzz-x&until=1e18",
+                        OCTET, body=b"a;b 1\n", expect=(400, 400)))
+    out.append(Case("ingest until=1e18", "POST", "/ingest?name=fuzz-x&until=1e18", OCTET,
                     body=b"a;b 1\n", expect=(400, 400)))
-    out.append(Case("huge folded count", "POST", "/ingest?name=fuzz-x&format=folded",
+    out.append(Case("huge folded count", "POST", "/ingest?name=fuzz-x&format=folded", OCTET,
                     body=b"a;b " + b"9" * 40 + b"\n", expect=(400, 400)))
-    out.append(Case("ovf;leaf 500000000000", "POST", "/ingest?name=fuzz-ovf&format=folded",
+    out.append(Case("ovf;leaf 500000000000", "POST", "/ingest?name=fuzz-ovf&format=folded", OCTET,
                     body=b"ovf;leaf 500000000000\n", expect=(400, 400)))
     late = pprof_bytes(cpu_profile(["a", "b"], 10**7), time_nanos=2**62 + 2**61,
                        duration_nanos=2**62)
     out.append(Case("pprof time+duration >= 2^63 (ingest)", "POST",
-                    "/ingest?name=fuzz-t&format=pprof", body=late, expect=(400, 400)))
+                    "/ingest?name=fuzz-t&format=pprof", OCTET, body=late, expect=(400, 400)))
     out.append(Case("pprof time+duration >= 2^63 (push)", "POST", "/push.v1.PusherService/Push",
                     PROTO, push_body([(late, {"service_name": "fuzz-t"})]), expect=(400, 400)))
     now_ns = int(now_s * 1e9)
     ends_past = pprof_bytes(cpu_profile(["a", "b"], 10**7), time_nanos=now_ns - 10**10,
                             duration_nanos=2**63 - now_ns + 10**10)
     out.append(Case("pprof now + duration to 2^63 (ingest)", "POST",
-                    "/ingest?name=fuzz-t&format=pprof", body=ends_past, expect=(400, 400)))
+                    "/ingest?name=fuzz-t&format=pprof", OCTET, body=ends_past, expect=(400, 400)))
     out.append(Case("pprof now + duration to 2^63 (push)", "POST", "/push.v1.PusherService/Push",
                     PROTO, push_body([(ends_past, {"service_name": "fuzz-t"})]),
                     expect=(400, 400)))
@@ -214,9 +216,9 @@ def reproductions(now_s: float | None = None) -> list[Case]:
     out.append(Case("[valid, overflowing] push", "POST", "/push.v1.PusherService/Push", PROTO,
                     push_body([(valid, {"service_name": "fuzz-half"}),
                                (huge, {"service_name": "fuzz-half"})]), expect=(400, 499)))
-    out.append(Case("600-deep folded stack", "POST", "/ingest?name=fuzz-deep&format=folded",
+    out.append(Case("600-deep folded stack", "POST", "/ingest?name=fuzz-deep&format=folded", OCTET,
                     body=folded([([f"f{i}" for i in range(600)], 3)]), expect=(200, 200)))
-    out.append(Case("5000-deep folded stack", "POST", "/ingest?name=fuzz-deeper&format=folded",
+    out.append(Case("5000-deep folded stack", "POST", "/ingest?name=fuzz-deeper&format=folded", OCTET,
                     body=folded([([f"f{i}" for i in range(5000)], 3)]), expect=(200, 200)))
     out.append(Case("flamegraph over deep stacks", "GET",
                     f"/api/flamegraph?service=fuzz-deep&from={int(now_s) - 3600}",
@@ -347,7 +349,7 @@ def fuzz_case(rnd: random.Random, i: int, now_s: float) -> Case:
                            "fuzz-d{a}", "x" * 400])
         fmt = rnd.choice(["folded", "pprof", "lines", "jfr", ""])
         body = _pprof_mutant(rnd, now_ns) if fmt == "pprof" else _folded_body(rnd)
-        headers = {}
+        headers = dict(OCTET) if rnd.random() < 0.9 else {"content-type": "text/plain"}
         if rnd.random() < 0.15:
             headers["content-encoding"] = "gzip"
             r = rnd.random()
@@ -512,7 +514,7 @@ def seed_baseline(agent: Agent, now_s: float) -> None:
     """Store the baseline profile the fuzzer must leave unchanged."""
     body = folded([(["main", "work", "leaf"], 50), (["main", "idle"], 7)])
     r = httpx.post(f"{agent.url}/ingest?name={BASELINE}&format=folded&from={int(now_s) - 20}"
-                   f"&until={int(now_s) - 10}", content=body, timeout=30)
+                   f"&until={int(now_s) - 10}", content=body, headers=OCTET, timeout=30)
     assert r.status_code == 200, r.text
 
 

@@ -29,7 +29,7 @@ POD_LABELS = {"app.kubernetes.io/name": "spanflame",
               "app.kubernetes.io/component": "node-agent"}
 
 DEFAULT_RESOURCES = ["namespace.yaml", "rbac.yaml", "configmap.yaml", "daemonset.yaml",
-                     "service.yaml"]
+                     "service.yaml", "token.yaml"]
 EXAMPLES = ["secret-example.yaml", "example-app.yaml"]
 
 # The options of `spanflame run` the DaemonSet may set, as environment variables, and
@@ -41,6 +41,7 @@ ALLOWED_ENV = {
     "SPANFLAME_EXPORT_PYROSCOPE_USER", "SPANFLAME_EXPORT_PYROSCOPE_PASSWORD",
     "SPANFLAME_EXPORT_PYROSCOPE_TOKEN", "SPANFLAME_AUTH_TOKEN", "SPANFLAME_NODE",
     "SPANFLAME_RETENTION_HOURS", "SPANFLAME_RETENTION_SIZE", "SPANFLAME_KERNEL_SRC",
+    "SPANFLAME_ALLOWED_HOSTS",
 }
 SECRET_ENV = {"SPANFLAME_AUTH_TOKEN", "SPANFLAME_EXPORT_PYROSCOPE_USER",
               "SPANFLAME_EXPORT_PYROSCOPE_PASSWORD", "SPANFLAME_EXPORT_PYROSCOPE_TOKEN"}
@@ -74,10 +75,14 @@ def load_file(path: Path) -> list[dict]:
 
 
 def by_kind(docs: list[dict]) -> dict[str, dict]:
+    """Documents by kind; the two service accounts (the agent's, token.yaml's) by kind/name."""
     out: dict[str, dict] = {}
     for d in docs:
-        assert d["kind"] not in out, f"two {d['kind']} documents"
-        out[d["kind"]] = d
+        key = d["kind"]
+        if key == "ServiceAccount":
+            key = f"ServiceAccount/{d['metadata']['name']}"
+        assert key not in out, f"two {key} documents"
+        out[key] = d
     return out
 
 
@@ -240,7 +245,7 @@ def test_namespace_allows_privileged_pods(kustomize_docs):
 
 
 def test_rbac_reads_pods_only(resources):
-    sa = resources["ServiceAccount"]
+    sa = resources["ServiceAccount/spanflame"]
     spec = pod_spec(resources)
     assert spec["serviceAccountName"] == sa["metadata"]["name"]
     assert spec.get("automountServiceAccountToken", True) is True
@@ -378,14 +383,37 @@ def test_environment(resources):
     secret_refs = {n: e["valueFrom"]["secretKeyRef"] for n, e in env.items()
                    if "secretKeyRef" in e.get("valueFrom", {})}
     assert set(secret_refs) == SECRET_ENV
+    # The auth token: required, from the Secret the deployment creates (test_auth_token).
+    assert secret_refs.pop("SPANFLAME_AUTH_TOKEN") == {"name": "spanflame-auth", "key": "token"}
     for name, ref in secret_refs.items():
         assert ref["optional"] is True, name
         assert ref["name"] == "spanflame" and ref["key"] == name
-    # The example Secret has exactly the keys the DaemonSet reads.
+    # The example Secret has exactly the (optional) keys the DaemonSet reads from it.
     example = load_file(K8S / "secret-example.yaml")[0]
     assert example["metadata"]["name"] == "spanflame"
     assert example["metadata"]["namespace"] == NAMESPACE
-    assert set(example["stringData"]) == SECRET_ENV
+    assert set(example["stringData"]) == set(secret_refs)
+    # Host names the Service gives the agents (the guard checks the Host header).
+    assert config["data"]["SPANFLAME_ALLOWED_HOSTS"].split(",") == [
+        f"spanflame.{NAMESPACE}.svc", f"spanflame.{NAMESPACE}.svc.cluster.local"]
+
+
+def test_auth_token_is_created_and_mounted_by_default(resources):
+    """The agents listen on the nodes' addresses, so they need a token (agent/httpguard.py):
+    the deployment creates a Secret that the cluster fills with one (a service-account token
+    of an account with no roles and no mounted token), and the agent reads it, required."""
+    secret = resources["Secret"]
+    assert secret["metadata"]["name"] == "spanflame-auth"
+    assert secret["type"] == "kubernetes.io/service-account-token"
+    account = secret["metadata"]["annotations"]["kubernetes.io/service-account.name"]
+    sa = resources[f"ServiceAccount/{account}"]
+    assert sa["automountServiceAccountToken"] is False
+    assert sa["metadata"]["namespace"] == secret["metadata"]["namespace"]
+    bound = {s["name"] for s in resources["ClusterRoleBinding"]["subjects"]}
+    assert account not in bound, "the token's account has no roles"
+    env = {e["name"]: e for e in agent_container(resources)["env"]}
+    ref = env["SPANFLAME_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "spanflame-auth", "key": "token"} and "optional" not in ref
 
 
 def test_resources(resources):

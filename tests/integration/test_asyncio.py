@@ -76,6 +76,8 @@ def test_each_kinds_cpu_carries_a_span_of_that_kind(tmp_path, version):
                 by_span[name] = by_span.get(name, 0) + v
         total = sum(by_span.values())
         assert total > 0, (fn, "no CPU samples")
+        print(f"{version} {fn}: {100 * by_span.get(kind, 0) / total:.1f}% of its CPU on "
+              f"{kind} spans")
         assert by_span.get(kind, 0) >= 0.95 * total, (fn, by_span)
 
 

@@ -75,12 +75,14 @@ def test_a_push_of_a_valid_and_an_overflowing_profile_stores_nothing(agent):
 def test_two_overflowing_pushes_leave_every_range_queryable(agent):
     for _ in range(2):
         r = httpx.post(agent.url + "/ingest?name=ovf&format=folded",
-                       content=b"ovf;leaf 500000000000\n", timeout=30)
+                       content=b"ovf;leaf 500000000000\n", headers=hostile.OCTET,
+                       timeout=30)
         assert r.status_code == 400 and "count" in r.text
     # the largest counts that are accepted, many times over, still sum inside int64
     for _ in range(3):
         r = httpx.post(agent.url + "/ingest?name=ovf&format=folded&sampleRate=1000000",
-                       content=b"ovf;leaf 9007199254740\n", timeout=30)
+                       content=b"ovf;leaf 9007199254740\n", headers=hostile.OCTET,
+                       timeout=30)
         assert r.status_code == 200, r.text
     now = int(time.time())
     for ep in hostile.RANGE_ENDPOINTS:
@@ -93,7 +95,8 @@ def test_a_stack_deeper_than_the_limit_is_truncated_under_a_marker_and_counted(a
     before = agent.metrics()
     r = httpx.post(agent.url + "/ingest?name=deep-app&format=folded",
                    content=hostile.folded([([f"f{i}" for i in range(3000)], 5),
-                                           ([f"g{i}" for i in range(600)], 5)]), timeout=30)
+                                           ([f"g{i}" for i in range(600)], 5)]),
+                   headers=hostile.OCTET, timeout=30)
     assert r.status_code == 200, r.text
     now = int(time.time())
     r = httpx.get(agent.url + "/api/flamegraph", params={
@@ -218,8 +221,9 @@ def test_300_slow_connections_do_not_make_healthz_fail(agent):
     try:
         for i in range(300):
             c = socket.create_connection(("127.0.0.1", agent.port), timeout=5)
-            c.sendall(b"GET /api/info HTTP/1.1\r\nHost: x\r\n" if i % 2 else
-                      b"POST /ingest?name=s HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nab")
+            c.sendall(b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n" if i % 2 else
+                      b"POST /ingest?name=s HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      b"Content-Type: binary/octet-stream\r\nContent-Length: 100000\r\n\r\nab")
             slow.append(c)
         probe = HealthProbe(agent.port)
         probe.start()
@@ -243,7 +247,7 @@ def test_a_full_ingest_queue_answers_429_with_retry_after_and_counts_it(agent):
     try:
         for _ in range(ADMITTED):
             c = socket.create_connection(("127.0.0.1", agent.port), timeout=5)
-            c.sendall(b"POST /push.v1.PusherService/Push HTTP/1.1\r\nHost: x\r\n"
+            c.sendall(b"POST /push.v1.PusherService/Push HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                       b"Content-Type: application/proto\r\nContent-Length: 1000\r\n\r\nab")
             holders.append(c)
         time.sleep(0.5)

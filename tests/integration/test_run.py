@@ -23,6 +23,8 @@ pytestmark = [pytest.mark.integration]
 
 PYRO08 = VENV / "pyroscope08" / "bin" / "python"
 FIXTURES = ROOT / "tests" / "fixtures"
+#: Ingest without the token needs a type no web page can send cross-site (agent/httpguard.py).
+OCTETS = {"content-type": "application/octet-stream"}
 
 
 def free_port() -> int:
@@ -32,7 +34,8 @@ def free_port() -> int:
 
 
 class AgentProc:
-    def __init__(self, store: Path, *extra: str, env: dict | None = None) -> None:
+    def __init__(self, store: Path, *extra: str, env: dict | None = None,
+                 include: str = "tests/programs/") -> None:
         self.store = store
         self.port, self.otlp_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -40,7 +43,7 @@ class AgentProc:
         self.log = open(store.parent / f"agent-{self.port}.log", "w")
         self.proc = subprocess.Popen(
             [str(SPANFLAME), "-v", "run", "--store", str(store), "--listen", f"127.0.0.1:{self.port}",
-             "--otlp-listen", f"127.0.0.1:{self.otlp_port}", "--include", "tests/programs/",
+             "--otlp-listen", f"127.0.0.1:{self.otlp_port}", "--include", include,
              # A few processes at full rate: the tests check what is recorded, not the budget
              # (bench/agent_budget.py measures that).
              "--cpu-budget", "50", *extra], stdout=self.log, stderr=subprocess.STDOUT,
@@ -195,10 +198,13 @@ def test_pyroscope_08_client_is_accepted(world):
      413, "limit"),
     ("/push.v1.PusherService/Push", {"content-type": "application/proto",
                                      "content-encoding": "gzip"}, b"not gzip", 400, "gzip"),
-    ("/ingest?name=app&format=pprof", {}, b"not a profile", 400, "pprof"),
-    ("/ingest?format=pprof", {}, b"", 400, "name"),
-    ("/ingest?name=app&format=jfr", {}, b"x", 400, "format"),
-    ("/ingest?name=app&from=abc", {}, b"a;b 1", 400, "numbers"),
+    ("/ingest?name=app&format=pprof", OCTETS, b"not a profile", 400, "pprof"),
+    ("/ingest?format=pprof", OCTETS, b"", 400, "name"),
+    ("/ingest?name=app&format=jfr", OCTETS, b"x", 400, "format"),
+    ("/ingest?name=app&from=abc", OCTETS, b"a;b 1", 400, "numbers"),
+    ("/ingest?name=app&format=folded", {}, b"a;b 1", 415, "cross-site"),  # what a web page sends
+    ("/ingest?name=app&format=folded", {"content-type": "text/plain"}, b"a;b 1", 415,
+     "cross-site"),
 ])
 def test_bad_ingest_gets_a_4xx_with_a_reason_and_the_agent_keeps_serving(
         world, path, headers, body, status, reason):

@@ -1,3 +1,4 @@
+import os
 import time
 
 import pytest
@@ -60,11 +61,13 @@ def test_retention_by_age_and_size(tmp_path):
     st.add_profile(prof(now - 50 * S, 2), type_name="cpu", service="a", labels={})
     assert st.enforce_retention(now) == 1
     assert st.merged(st.find(start_ns=0, end_ns=now, type_name="cpu")).total("cpu") == 2
-    for i in range(5):
-        st.add_profile(prof(now - 40 * S + i * S, 1), type_name="cpu", service="a", labels={})
-    st.max_bytes = st.data_bytes() // 2
+    for i in range(10):  # incompressible profiles of 16 KiB: the size bound is the file's
+        st.add_raw(os.urandom(16 << 10), start_ns=now - 40 * S + i * S,
+                   end_ns=now - 39 * S + i * S, type_name="cpu", service="a", pid=0, labels={},
+                   source="test")
+    st.max_bytes = st.used_bytes() - 80_000
     deleted = st.enforce_retention(now)
-    assert deleted >= 3 and st.data_bytes() <= st.max_bytes
+    assert 5 <= deleted <= 7 and st.used_bytes() <= st.max_bytes
     left = st.find(start_ns=0, end_ns=now, type_name="cpu")
     assert left and all(p.start_ns >= now - 50 * S for p in left)  # the oldest went first
 

@@ -226,6 +226,13 @@ def reproductions(now_s: float | None = None) -> list[Case]:
     out.append(Case("OTLP JSON nested 100,000 deep", "POST", "/v1/traces",
                     {"content-type": "application/json"}, deep_json(100_000), server="otlp",
                     expect=(400, 499), owned_elsewhere=OTLP_DEPTH))
+    out.append(Case("OTLP span ending at 2^63", "POST", "/v1/traces",
+                    {"content-type": "application/json"}, json.dumps({"resourceSpans": [{
+                        "scopeSpans": [{"spans": [{
+                            "traceId": "a" * 32, "spanId": "b" * 16, "name": "s",
+                            "startTimeUnixNano": str(int(now_s * 1e9)),
+                            "endTimeUnixNano": str(2**63)}]}]}]}).encode(),
+                    server="otlp", expect=(200, 499)))
     out.append(Case("push JSON nested 100,000 deep", "POST", "/push.v1.PusherService/Push",
                     {"content-type": "application/json"}, deep_json(100_000), expect=(400, 499)))
     return out

@@ -58,8 +58,8 @@ def test_reproduction_gets_its_answer_with_a_reason(agent, case):
     assert httpx.get(agent.url + "/healthz", timeout=5).status_code == 200
 
 
-@pytest.mark.xfail(reason=hostile.OTLP_DEPTH + ", not fixed on this branch yet", strict=False)
 def test_otlp_json_nested_100000_deep_is_a_400(agent):
+    """Fixed by the OTLP decoding part of issue 12 (merged from main)."""
     case = next(c for c in REPRO if c.owned_elsewhere)
     assert 400 <= send(agent, case).status_code < 500
 

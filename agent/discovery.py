@@ -118,12 +118,14 @@ class Discovery:
                 ct = p.create_time()
         except (psutil.Error, OSError):
             return None
+        # The cheap test first: is_python may read the whole of /proc/<pid>/maps, and on a
+        # busy node most new processes are not wanted anyway.
+        if not self._wanted(name, cmdline):
+            return None
         try:
             if not is_python(pid):
                 return None
         except SpanflameError:
-            return None
-        if not self._wanted(name, cmdline):
             return None
         service = service_from(name, argv)
         if service == "spanflame":

@@ -132,6 +132,11 @@ class TraceLinker:
             st = self._steps[(pid, tid)] = _Steps(spans)
         return st
 
+    def thread_has_spans(self, pid: int, tid: int) -> bool:
+        """Whether the thread has a span (outside tasks, with `tasks`) in the linker's window;
+        needs `window`."""
+        return bool(self._steps_for(pid, tid).times)
+
     def _task_steps(self, pid: int, task: int) -> _Steps:
         key = (pid, -task)  # tasks are object addresses, tids small positive numbers
         st = self._steps.get(key)

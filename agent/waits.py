@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+from itertools import compress
 from typing import Iterable
 
 from agent.aggregate import Piece, thread_labels
@@ -24,6 +25,7 @@ from agent.model import Frame, Labels, Profile, Stack, make_labels
 from agent.reasons import MARKER_FRAMES, MARKERS, REASONS, WAIT_TYPE, classify  # noqa: F401
 from agent.recordprofile import WaitSummary, add_records  # noqa: F401
 from agent.timeline import PiecewiseCpu, ThreadTimeline
+from probes.columns import hot
 from probes.records import ProbeData, Run
 
 _MARKER_FRAMES = MARKER_FRAMES
@@ -99,54 +101,95 @@ class RunsCpu:
 
     Within a run the thread is on CPU at rate (length - short_off) / length. Threads the probe
     never saw leave the CPU fall back to `fallback` (schedstat readings at the start and end).
+    From a window's columns (probes/columns.py), a thread's timeline is built when first asked
+    for: most threads of a window are never asked about.
     """
 
     def __init__(self, data: ProbeData, pid: int, start_ns: int, end_ns: int,
                  fallback: PiecewiseCpu | None = None) -> None:
-        per: dict[int, list[tuple[int, int, float]]] = {}
+        self.start_ns, self.end_ns = start_ns, end_ns
+        self.fallback = fallback
         self._exit: dict[int, int] = {}
-
-        def add(tid: int, a: int | None, b: int | None, short_off: int) -> None:
-            # An unknown run start (a thread the probe saw only when it left the CPU) counts
-            # from its end: under-count rather than invent CPU time.
-            b = end_ns if b is None else b
-            a = b if a is None else max(a, start_ns)
-            if b <= a:
-                return
-            rate = max(0.0, min(1.0, (b - a - short_off) / (b - a)))
-            per.setdefault(tid, []).append((a, b, rate))
-
-        for r in data.runs:
-            if r.tgid != pid:
-                continue
-            add(r.tid, r.run_start_ns, r.run_end_ns, r.short_off_ns)
-            if r.off_end_ns is None:
-                self._exit[r.tid] = r.run_end_ns
-        for tid, (tgid, a, b, short_off) in data.open_runs.items():
-            if tgid == pid:
-                add(tid, a, b, short_off)
         self._iv: dict[int, list[tuple[int, int, float]]] = {}
         self._cum: dict[int, list[float]] = {}
         self._starts: dict[int, list[int]] = {}
+        self._open: dict[int, list[tuple]] = {}
+        for tid, (tgid, a, b, short_off) in data.open_runs.items():
+            if tgid == pid:
+                self._open.setdefault(tid, []).append((a, b, short_off))
+        self._cols = hot(data, "runs", pid)
+        if self._cols is not None:  # a window's columns: all of `pid`
+            self._order = list(dict.fromkeys([*self._cols.cols[2], *self._open]))
+            self._pending = set(self._order)
+            return
+        self._pending = set()
+        per: dict[int, list[tuple[int, int, float]]] = {}
+        for r in data.runs:
+            if r.tgid != pid:
+                continue
+            self._add(per.setdefault(r.tid, []), r.run_start_ns, r.run_end_ns, r.short_off_ns)
+            if r.off_end_ns is None:
+                self._exit[r.tid] = r.run_end_ns
+        for tid, runs in self._open.items():
+            for a, b, short_off in runs:
+                self._add(per.setdefault(tid, []), a, b, short_off)
         for tid, ivs in per.items():
-            ivs.sort()
-            self._iv[tid] = ivs
-            self._starts[tid] = [a for a, _b, _r in ivs]
-            acc, cum = 0.0, []
-            for a, b, r in ivs:
-                cum.append(acc)
-                acc += (b - a) * r
-            self._cum[tid] = cum
-        self.fallback = fallback
+            self._index(tid, ivs)
+        self._order = list(self._iv)
 
-    def seen(self, tid: int) -> bool:
+    def _add(self, ivs: list, a: int | None, b: int | None, short_off: int) -> None:
+        # An unknown run start (a thread the probe saw only when it left the CPU) counts
+        # from its end: under-count rather than invent CPU time.
+        b = self.end_ns if b is None else b
+        a = b if a is None else max(a, self.start_ns)
+        if b <= a:
+            return
+        ivs.append((a, b, max(0.0, min(1.0, (b - a - short_off) / (b - a)))))
+
+    def _index(self, tid: int, ivs: list) -> None:
+        if not ivs:
+            return
+        ivs.sort()
+        self._iv[tid] = ivs
+        self._starts[tid] = [a for a, _b, _r in ivs]
+        acc, cum = 0.0, []
+        for a, b, r in ivs:
+            cum.append(acc)
+            acc += (b - a) * r
+        self._cum[tid] = cum
+
+    def _build(self, tid: int) -> None:
+        """The timeline of one thread, from the columns."""
+        self._pending.discard(tid)
+        c = self._cols.cols
+        mask = list(map(tid.__eq__, c[2]))
+        ivs: list = []
+        lo = self.start_ns
+        for a, b, oe, so in zip(compress(c[3], mask), compress(c[4], mask),
+                                compress(c[5], mask), compress(c[6], mask)):
+            if not oe:
+                self._exit[tid] = b
+            a = b if not a else (a if a > lo else lo)
+            if b > a:
+                ivs.append((a, b, max(0.0, min(1.0, (b - a - so) / (b - a)))))
+        for a, b, short_off in self._open.get(tid, ()):
+            self._add(ivs, a, b, short_off)
+        self._index(tid, ivs)
+
+    def _has(self, tid: int) -> bool:
+        if tid in self._pending:
+            self._build(tid)
         return tid in self._iv
 
+    def seen(self, tid: int) -> bool:
+        return self._has(tid)
+
     def tids(self) -> list[int]:
-        return list(self._iv)
+        return [t for t in self._order if self._has(t)]
 
     def runs(self, tid: int) -> list[tuple[int, int]]:
         """The thread's on-CPU runs, sorted."""
+        self._has(tid)
         return [(a, b) for a, b, _r in self._iv.get(tid, ())]
 
     def _c(self, tid: int, t: int) -> float:
@@ -160,12 +203,12 @@ class RunsCpu:
     def oncpu_ns(self, tid: int, start_ns: int, end_ns: int) -> int:
         if end_ns <= start_ns:
             return 0
-        if tid not in self._iv:
+        if not self._has(tid):
             return self.fallback.oncpu_ns(tid, start_ns, end_ns) if self.fallback else 0
         return max(0, round(self._c(tid, end_ns) - self._c(tid, start_ns)))
 
     def activity(self, tid: int, t_ns: int) -> float | None:
-        if tid not in self._iv:
+        if not self._has(tid):
             return self.fallback.activity(tid, t_ns) if self.fallback else None
         starts = self._starts[tid]
         i = bisect.bisect_right(starts, t_ns) - 1
@@ -175,6 +218,7 @@ class RunsCpu:
         return r if t_ns < b else 0.0
 
     def exit_ns(self, tid: int) -> int | None:
+        self._has(tid)
         return self._exit.get(tid)
 
 

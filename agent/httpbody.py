@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import zlib
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 
 class BodyError(Exception):
@@ -28,15 +28,20 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             n = int(length)
         except ValueError:
             raise BodyError(400, "invalid Content-Length") from None
+        if n < 0:
+            raise BodyError(400, "invalid Content-Length")
         if n > max_bytes:
             raise BodyError(413, f"body of {n} bytes exceeds the limit of {max_bytes} bytes")
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise BodyError(413, f"body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise BodyError(413, f"body exceeds the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone, or closed by the server's body timeout (httpserver.py)
+        raise BodyError(400, "client disconnected before sending the whole body") from None
     return b"".join(chunks)
 
 

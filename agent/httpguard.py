@@ -44,7 +44,7 @@ LOOPBACK_NAMES = ("localhost",)
 def public_path(path: str) -> bool:
     """Paths served without the token: page shells and assets carry no data; health and
     metrics are for probes and Prometheus (no profile data in them)."""
-    return (path in ("/", "/explore", "/spans", "/flamegraph", "/healthz", "/metrics")
+    return (path in ("/", "/explore", "/spans", "/flamegraph", "/healthz", "/readyz", "/metrics")
             or path.startswith("/static/") or path.startswith("/trace/"))
 
 

@@ -35,6 +35,20 @@ class Metrics:
                                        ["endpoint", "result"], registry=r)
         self.ingest_profiles = Counter(f"{NS}_ingest_profiles", "profiles ingested",
                                        ["endpoint"], registry=r)
+        self.ingest_queue = Gauge(f"{NS}_ingest_queue",
+                                  "ingest requests admitted (reading, waiting or being decoded); "
+                                  "more are answered 429", registry=r)
+        self.ingest_truncated = Counter(f"{NS}_ingest_stacks_truncated",
+                                        "ingested stacks deeper than the limit, truncated",
+                                        registry=r)
+        self.http_connections = Gauge(f"{NS}_http_connections", "open HTTP connections",
+                                      ["server"], registry=r)
+        self.http_closed = Counter(f"{NS}_http_connections_closed",
+                                   "HTTP connections closed by the agent, by reason (header, "
+                                   "body or send timeout; evicted or refused at the cap)",
+                                   ["server", "reason"], registry=r)
+        self.http_busy = Counter(f"{NS}_http_busy", "requests answered 503 at the in-flight "
+                                 "request cap", ["server"], registry=r)
         self.export_sent = Counter(f"{NS}_export_sent", "profiles pushed to Pyroscope",
                                    registry=r)
         self.export_dropped = Counter(f"{NS}_export_dropped",

@@ -34,6 +34,26 @@ class Frame(NamedTuple):
 
 Stack = tuple[Frame, ...]
 
+#: Deepest stack kept (frames): a deeper one keeps its innermost MAX_STACK_DEPTH - 1 frames
+#: under a TRUNCATED root frame, as the kernel walker does. Pyroscope's own limit is 1000.
+MAX_STACK_DEPTH = 1024
+TRUNCATED = Frame("[truncated]")
+#: Sample values saturate here: pprof and SQLite hold int64.
+MAX_VALUE = (1 << 63) - 1
+MIN_VALUE = -MAX_VALUE - 1
+
+
+def clip_stack(stack: Stack, max_depth: int = MAX_STACK_DEPTH) -> Stack:
+    """`stack` (leaf first), or its innermost `max_depth - 1` frames and TRUNCATED when deeper."""
+    if len(stack) <= max_depth:
+        return stack
+    return stack[:max_depth - 1] + (TRUNCATED,)
+
+
+def saturate(v: int) -> int:
+    """`v` clamped to int64."""
+    return MAX_VALUE if v > MAX_VALUE else MIN_VALUE if v < MIN_VALUE else v
+
 
 @dataclass(frozen=True, slots=True)
 class SampleType:
@@ -130,7 +150,8 @@ class Profile:
                 cur[i] += v
 
     def merge(self, other: "Profile") -> None:
-        """Add every sample of `other`; sample types missing here are appended."""
+        """Add every sample of `other`; sample types missing here are appended. Sums saturate
+        at int64 (MAX_VALUE), so merging any number of profiles stays encodable."""
         for t in other.sample_types:
             if t.name not in self._index:
                 self._index[t.name] = len(self.sample_types)
@@ -144,7 +165,8 @@ class Profile:
             if vec is None:
                 vec = self.samples[key] = [0] * n
             for j, v in zip(mapping, ovec):
-                vec[j] += v
+                x = vec[j] + v
+                vec[j] = x if MIN_VALUE <= x <= MAX_VALUE else saturate(x)
         if other.time_ns and (not self.time_ns or other.time_ns < self.time_ns):
             end = max(self.time_ns + self.duration_ns, other.time_ns + other.duration_ns)
             self.time_ns = other.time_ns

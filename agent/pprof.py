@@ -3,25 +3,41 @@
 `encode` writes one pprof holding every sample type of a profile, with functions (name and file),
 locations (one line each), one mapping, labels and a string table whose entry 0 is "".
 `decode` reads pprof from any producer, validates every cross-reference and raises
-`ProfileDecodeError` with a reason instead of returning garbage.
+`ProfileDecodeError` with a reason instead of returning garbage. Stacks deeper than
+`model.MAX_STACK_DEPTH` keep their innermost frames under `[truncated]`; `Limits` bounds what one
+decode may build (the ingest's per-request bounds). Both are loops, never recursion.
 """
 
 from __future__ import annotations
 
 import gzip
 import zlib
-from itertools import chain
+from dataclasses import dataclass
+from itertools import chain, islice
 
 from google.protobuf.message import DecodeError
 
 from agent.errors import ProfileDecodeError
-from agent.model import Frame, Profile, SampleType, Stack
+from agent.model import (MAX_STACK_DEPTH, TRUNCATED, Frame, Profile, SampleType, Stack,
+                         saturate)
 from agent.proto import profile_pb2
 
 #: Largest decompressed pprof `decode` accepts by default (bytes).
 MAX_DECODED_BYTES = 256 * 1024 * 1024
 
 _GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one decode may build: a pprof with more is refused (ProfileDecodeError), before any
+    of it is turned into Python objects. None: no bound."""
+
+    max_bytes: int = MAX_DECODED_BYTES
+    max_samples: int | None = None
+    max_locations: int | None = None
+    max_functions: int | None = None
+    max_strings: int | None = None
 
 
 class _Strings:
@@ -51,9 +67,9 @@ def encode(profile: Profile, *, compress: bool = True, mapping_file: str = "pyth
     if profile.period_type is not None:
         pb.period_type.type = st(profile.period_type.name)
         pb.period_type.unit = st(profile.period_type.unit)
-    pb.period = int(profile.period)
-    pb.time_nanos = int(profile.time_ns)
-    pb.duration_nanos = int(profile.duration_ns)
+    pb.period = saturate(int(profile.period))
+    pb.time_nanos = saturate(int(profile.time_ns))
+    pb.duration_nanos = saturate(int(profile.duration_ns))
     for c in profile.comments:
         pb.comment.append(st(c))
     if profile.default_sample_type:
@@ -86,7 +102,11 @@ def encode(profile: Profile, *, compress: bool = True, mapping_file: str = "pyth
             continue
         sample = pb.sample.add()
         sample.location_id.extend([location_id(f) for f in stack])
-        sample.value.extend(vec)
+        try:
+            sample.value.extend(vec)
+        except ValueError:  # beyond int64 (e.g. scaled up): saturate rather than fail
+            del sample.value[:]
+            sample.value.extend([saturate(v) for v in vec])
         for key, value in labels:
             k = label_keys.get(key)
             if k is None:
@@ -100,12 +120,29 @@ def encode(profile: Profile, *, compress: bool = True, mapping_file: str = "pyth
     return gzip.compress(raw, compresslevel=6) if compress else raw
 
 
-def decode(data: bytes, *, max_bytes: int = MAX_DECODED_BYTES) -> Profile:
+def decode(data: bytes, *, max_bytes: int = MAX_DECODED_BYTES, limits: Limits | None = None,
+           stats: dict | None = None) -> Profile:
     """Parse pprof bytes (gzip-compressed or not) into a `Profile`.
 
-    Raises ProfileDecodeError with a one-line reason for anything that is not a valid pprof.
+    Raises ProfileDecodeError with a one-line reason for anything that is not a valid pprof or
+    is beyond `limits` (whose max_bytes then replaces `max_bytes`). Stacks deeper than
+    MAX_STACK_DEPTH are truncated; `stats["truncated"]` (when given) counts them.
     """
-    return _from_pb(_parse(data, max_bytes))
+    if limits is not None:
+        max_bytes = limits.max_bytes
+    pb = _parse(data, max_bytes)
+    if limits is not None:
+        _check_limits(pb, limits)
+    return _from_pb(pb, stats)
+
+
+def _check_limits(pb: profile_pb2.Profile, limits: Limits) -> None:
+    for what, n, most in (("samples", len(pb.sample), limits.max_samples),
+                          ("locations", len(pb.location), limits.max_locations),
+                          ("functions", len(pb.function), limits.max_functions),
+                          ("strings", len(pb.string_table), limits.max_strings)):
+        if most is not None and n > most:
+            raise ProfileDecodeError(f"profile has {n} {what}, more than the limit of {most}")
 
 
 def _parse(data: bytes, max_bytes: int) -> profile_pb2.Profile:
@@ -134,16 +171,20 @@ def decode_paths(data: bytes, type_name: str, paths, *,
     acc = paths.paths
     get = _locations(pb, s, paths.fid).__getitem__
     ntypes = len(names)
+    most = MAX_STACK_DEPTH + 1
     for sample in pb.sample:  # the hot loop of the flame graph views: kept flat
         values = sample.value
         if len(values) != ntypes:
             raise _wrong_values(len(values), ntypes)
         try:
-            path = tuple(chain.from_iterable(map(get, sample.location_id)))[::-1]
+            path = tuple(islice(chain.from_iterable(map(get, sample.location_id)), most))
         except KeyError as exc:
             raise _missing_location(exc) from None
+        if len(path) == most:
+            path = path[:MAX_STACK_DEPTH - 1] + (paths.fid(*TRUNCATED),)
         v = values[ti]
         if v:
+            path = path[::-1]
             acc[path] = acc.get(path, 0) + v
     return True
 
@@ -207,7 +248,7 @@ def _wrong_values(n: int, ntypes: int) -> ProfileDecodeError:
     return ProfileDecodeError(f"invalid pprof: a sample has {n} values for {ntypes} sample types")
 
 
-def _from_pb(pb: profile_pb2.Profile) -> Profile:
+def _from_pb(pb: profile_pb2.Profile, stats: dict | None = None) -> Profile:
     s = _string_reader(pb)
     if not pb.sample_type:
         raise ProfileDecodeError("not a pprof profile (no sample types)")
@@ -224,14 +265,20 @@ def _from_pb(pb: profile_pb2.Profile) -> Profile:
     label_cache: dict[tuple, tuple] = {}
     get = _locations(pb, s, Frame).__getitem__
     ntypes = len(types)
+    most = MAX_STACK_DEPTH + 1
+    truncated = 0
     for sample in pb.sample:
         values = list(sample.value)
         if len(values) != ntypes:
             raise _wrong_values(len(values), ntypes)
         try:
-            stack = tuple(chain.from_iterable(map(get, sample.location_id)))
+            # islice: a sample of 10^5 locations, each of many lines, is never expanded whole
+            stack = tuple(islice(chain.from_iterable(map(get, sample.location_id)), most))
         except KeyError as exc:
             raise _missing_location(exc) from None
+        if len(stack) == most:
+            stack = stack[:MAX_STACK_DEPTH - 1] + (TRUNCATED,)
+            truncated += 1
         raw = tuple((lab.key, lab.str, lab.num) for lab in sample.label)
         labels = label_cache.get(raw)
         if labels is None:
@@ -245,7 +292,9 @@ def _from_pb(pb: profile_pb2.Profile) -> Profile:
             samples[key] = values
         else:
             for i, v in enumerate(values):
-                vec[i] += v
+                vec[i] = saturate(vec[i] + v)
+    if stats is not None:
+        stats["truncated"] = stats.get("truncated", 0) + truncated
     return prof
 
 

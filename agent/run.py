@@ -390,10 +390,12 @@ class Agent:
         from agent.httpserver import ServerThread, parse_listen
         main_app, otlp_app = build_apps(self)
         host, port = parse_listen(self.opts.listen)
-        self.servers.append(ServerThread(main_app, host, port, name="http").start())
+        self.servers.append(ServerThread(main_app, host, port, name="http",
+                                         metrics=self.metrics).start())
         ohost, oport = parse_listen(self.opts.otlp_listen)
         if (ohost, oport) != (host, port):
-            self.servers.append(ServerThread(otlp_app, ohost, oport, name="otlp").start())
+            self.servers.append(ServerThread(otlp_app, ohost, oport, name="otlp",
+                                             metrics=self.metrics).start())
         self.pipeline.start()
         self._scan_thread.start()
         return self

@@ -10,7 +10,6 @@ an OTLP sender may name in its spans is agent/senders.py.
 from __future__ import annotations
 
 import logging
-import time
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -24,6 +23,8 @@ from agent.errors import StoreFull
 from agent.httpguard import Policy, RequestGuard
 from agent.model import SAMPLE_TYPES, Profile
 from agent.otlp_receiver import OtlpReceiver
+from agent.params import (MAX_RANGE_S, BadRequest, hex_id as _hex, integer as _int,
+                          label_filters, number, text, time_range)
 from agent.pyroscope_ingest import PyroscopeIngest
 from agent.store import INDEX_LABELS
 
@@ -32,62 +33,18 @@ log = logging.getLogger(__name__)
 RESERVED = {"from", "until", "type", "service", "pid", "trace_id", "span_id", "token", "limit",
             "format", "descendants", "compare", "name", "min_duration_ms", "buckets",
             "min_fraction"}
-MAX_RANGE_S = 31 * 24 * 3600
-
-
-class BadRequest(Exception):
-    pass
-
-
-def time_range(q, default_s: float = 3600.0) -> tuple[int, int]:
-    """from/until in unix seconds (fractions allowed) -> ns; until defaults to now, from to an
-    hour before until."""
-    try:
-        until = float(q["until"]) if q.get("until") else time.time()
-        frm = float(q["from"]) if q.get("from") else until - default_s
-    except ValueError:
-        raise BadRequest("from and until must be unix seconds") from None
-    if until <= frm:
-        raise BadRequest("until must be after from")
-    if until - frm > MAX_RANGE_S:
-        raise BadRequest(f"range longer than {MAX_RANGE_S // 86400} days")
-    return int(frm * 1e9), int(until * 1e9)
-
-
-def _int(q, key: str, default=None, lo: int = 0, hi: int = 1 << 62):
-    if not q.get(key):
-        return default
-    try:
-        v = int(q[key])
-    except ValueError:
-        raise BadRequest(f"{key} must be an integer") from None
-    if not lo <= v <= hi:
-        raise BadRequest(f"{key} out of range")
-    return v
-
-
-def _hex(q, key: str, n: int):
-    v = q.get(key)
-    if v is None or v == "":
-        return None
-    v = v.strip().lower()
-    if len(v) != n or any(c not in "0123456789abcdef" for c in v):
-        raise BadRequest(f"{key} must be {n} hex digits")
-    return v
 
 
 def query_profile(agent, q) -> tuple[Profile | None, int]:
     """The merged profile for /api/profile's parameters, and how many stored profiles made it."""
     start, end = time_range(q)
-    type_name = q.get("type") or "cpu"
-    if len(type_name) > 64:
-        raise BadRequest("type too long")
+    type_name = text(q, "type", 64) or "cpu"
     pid = _int(q, "pid")
     span_id, trace_id = _hex(q, "span_id", 16), _hex(q, "trace_id", 32)
-    extra = {k: v for k, v in q.items() if k not in RESERVED}
+    extra = label_filters(q, RESERVED)
     series = {k: v for k, v in extra.items() if k in INDEX_LABELS and k != "pid"}
     found = agent.store.find(start_ns=start, end_ns=end, type_name=type_name,
-                             service=q.get("service") or None, pid=pid, labels=series or None,
+                             service=text(q, "service"), pid=pid, labels=series or None,
                              span_id=span_id, trace_id=trace_id)
     # Keys outside the index: a series label (a pushed tag such as env) or a sample label.
     tags = {k: v for k, v in extra.items() if k not in series}
@@ -130,6 +87,20 @@ def build_apps(agent) -> tuple[Starlette, Starlette]:
                                  "store": str(agent.store.dir)})
         return JSONResponse(agent.health())
 
+    async def readyz(request: Request) -> Response:
+        """Readiness: 503 with the reasons while new work would be refused (ingest queue or
+        in-flight requests at their cap); /healthz (liveness) stays 200 meanwhile."""
+        reasons = []
+        if ingest is not None and ingest.admission.full:
+            reasons.append(f"ingest queue full ({ingest.admission.admitted} requests)")
+        guard = getattr(request.app.state, "http_guard", None)
+        if guard is not None and guard.inflight >= guard.limits.max_inflight:
+            reasons.append(f"{guard.inflight} requests in progress, the limit")
+        if reasons:
+            return JSONResponse({"status": "overloaded", "reasons": reasons}, status_code=503,
+                                headers={"retry-after": "1"})
+        return JSONResponse({"status": "ready"})
+
     async def metrics(request: Request) -> Response:
         return Response(m.render(), media_type="text/plain; version=0.0.4")
 
@@ -151,17 +122,13 @@ def build_apps(agent) -> tuple[Starlette, Starlette]:
         q = request.query_params
         try:
             start, end = time_range(q)
-            min_ms = q.get("min_duration_ms")
-            try:
-                min_ns = int(float(min_ms) * 1e6) if min_ms else 0
-            except ValueError:
-                raise BadRequest("min_duration_ms must be a number") from None
-            limit = _int(q, "limit", 100, 1, 10_000)
+            min_ns = int(number(q, "min_duration_ms", 0, lo=0, hi=MAX_RANGE_S * 1e3) * 1e6)
+            limit = _int(q, "limit", 100, lo=1, hi=10_000)
+            service, name = text(q, "service"), text(q, "name", 1024)
         except BadRequest as exc:
             return PlainTextResponse(f"{exc}\n", status_code=400)
         rows = await run_in_threadpool(agent.store.slow_spans, start_ns=start, end_ns=end,
-                                       service=q.get("service") or None,
-                                       name=q.get("name") or None, min_duration_ns=min_ns,
+                                       service=service, name=name, min_duration_ns=min_ns,
                                        limit=limit)
         return JSONResponse([_span_json(r) for r in rows])
 
@@ -181,6 +148,7 @@ def build_apps(agent) -> tuple[Starlette, Starlette]:
 
     routes = [
         Route("/healthz", healthz),
+        Route("/readyz", readyz),
         Route("/metrics", metrics),
         Route("/api/profile", api_profile),
         Route("/api/spans", api_spans),
@@ -189,6 +157,7 @@ def build_apps(agent) -> tuple[Starlette, Starlette]:
     ]
     routes += ui_routes(agent)
     middleware = [Middleware(RequestGuard, policy=Policy.from_options(agent.opts))]
+    ingest = None
     if read_only:  # `spanflame serve`: no ingest, no OTLP
         return Starlette(routes=routes, middleware=middleware,
                          exception_handlers=EXCEPTION_HANDLERS), None

@@ -95,6 +95,7 @@ def from_otlp(request, to_host=None) -> tuple[list[SpanRecord], list[str]]:
 
 
 _ZERO_TRACE, _ZERO_SPAN = bytes(16), bytes(8)
+_INT64_LIMIT = 1 << 63
 _OURS = frozenset((ATTR_PID, ATTR_TID, ATTR_PID_NS, ATTR_TASK))
 _PLAIN = frozenset(("string_value", "int_value", "double_value", "bool_value"))
 
@@ -111,6 +112,8 @@ def _span(sp, service: str, res_pid, to_host=None) -> SpanRecord:
     start_ns, end_ns = sp.start_time_unix_nano, sp.end_time_unix_nano
     if end_ns < start_ns:
         raise InvalidSpan("span that ends before it starts")
+    if end_ns >= _INT64_LIMIT:  # the store holds int64 (fixed64 on the wire)
+        raise InvalidSpan("span end time beyond int64 nanoseconds")
     attrs = {}
     pid = res_pid if isinstance(res_pid, int) else 0
     tid = ns = task = 0

@@ -466,7 +466,8 @@ class Store:
                  service: str | None = None, pid: int | None = None) -> list[list[int]]:
         """[bucket start ns, total value] over the range: activity over time without decoding."""
         width = max(1, (end_ns - start_ns) // buckets)
-        q = ("SELECT (start_ns - ?) / ?, SUM(total) FROM profiles WHERE type = ? AND "
+        # TOTAL, not SUM: a float sum never raises SQLite's integer overflow
+        q = ("SELECT (start_ns - ?) / ?, TOTAL(total) FROM profiles WHERE type = ? AND "
              "start_ns >= ? AND start_ns < ?")
         args: list = [start_ns, width, type_name, start_ns, end_ns]
         if service is not None:
@@ -476,7 +477,8 @@ class Store:
             q += " AND pid = ?"
             args.append(pid)
         q += " GROUP BY 1 ORDER BY 1"
-        got = {int(b): int(v or 0) for b, v in self._con().execute(q, args).fetchall()}
+        got = {int(b): int(min(v or 0, 2.0**63 - 1024))
+               for b, v in self._con().execute(q, args).fetchall()}
         return [[start_ns + i * width, got.get(i, 0)] for i in range(buckets)]
 
     def span(self, span_id: str) -> dict | None:

@@ -28,9 +28,11 @@ from starlette.routing import Route
 from agent import pprof
 from agent.errors import SpanflameError
 from agent.model import SAMPLE_TYPES, Profile
-from agent.server import RESERVED, BadRequest, _empty, _hex, _int, _span_json, time_range
+from agent.params import (BadRequest, hex_id as _hex, integer as _int, label_filters, number, text,
+                          time_range)
+from agent.server import RESERVED, _empty, _span_json
 from agent.store import INDEX_LABELS
-from flamegraph.html import flamegraph_data, flamegraph_data_paths
+from flamegraph.html import dumps, flamegraph_data, flamegraph_data_paths
 from flamegraph.speedscope import render_speedscope
 
 #: Assets the UI may load; nothing else under /static is served.
@@ -121,22 +123,12 @@ class View:
         self.with_descendants = q.get("descendants") in ("1", "true", "yes")
         self.compare = q.get("compare") in ("1", "true", "yes")
         self.pid = _int(q, "pid")
-        self.service = q.get("service") or None
-        if self.service is not None and len(self.service) > 256:
-            raise BadRequest("service too long")
-        t = q.get("type") or ""
-        if len(t) > 64:
-            raise BadRequest("type too long")
-        self.type = t
-        try:
-            self.min_fraction = float(q.get("min_fraction") or 1e-4)
-        except ValueError:
-            raise BadRequest("min_fraction must be a number") from None
-        if not 0 <= self.min_fraction < 1:
+        self.service = text(q, "service")
+        self.type = text(q, "type", 64) or ""
+        self.min_fraction = number(q, "min_fraction", 1e-4, lo=0, hi=1)
+        if self.min_fraction >= 1:
             raise BadRequest("min_fraction must be in [0, 1)")
-        extra = {k: v for k, v in q.items() if k not in RESERVED}
-        if len(extra) > 32 or any(len(k) > 128 or len(v) > 1024 for k, v in extra.items()):
-            raise BadRequest("too many or too long label filters")
+        extra = label_filters(q, RESERVED)
         self.series = {k: v for k, v in extra.items() if k in INDEX_LABELS and k != "pid"}
         self.sample = {k: v for k, v in extra.items() if k not in self.series}
         self.span: dict | None = None
@@ -383,8 +375,8 @@ def ui_routes(agent) -> list[Route]:
             return PlainTextResponse(f"{exc}\n", status_code=400)
         except LookupError as exc:
             return PlainTextResponse(f"{exc}\n", status_code=404)
-        if fmt == "json":
-            return JSONResponse(payload, headers=extra)
+        if fmt == "json":  # flamegraph.html.dumps: trees of any depth
+            return Response(dumps(payload), media_type="application/json", headers=extra)
         if fmt == "pprof":
             return Response(payload, media_type="application/octet-stream",
                             headers={"content-disposition": 'attachment; filename="profile.pb.gz"'})
@@ -396,16 +388,15 @@ def ui_routes(agent) -> list[Route]:
         q = request.query_params
         try:
             start, end = time_range(q)
-            buckets = _int(q, "buckets", 120, 1, 2000)
+            buckets = _int(q, "buckets", 120, lo=1, hi=2000)
             pid = _int(q, "pid")
-            t = q.get("type") or "cpu"
-            if len(t) > 64:
-                raise BadRequest("type too long")
+            t = text(q, "type", 64) or "cpu"
+            service = text(q, "service")
         except BadRequest as exc:
             return PlainTextResponse(f"{exc}\n", status_code=400)
         pts = await run_in_threadpool(agent.store.timeline, start_ns=start, end_ns=end,
                                       type_name=t, buckets=buckets,
-                                      service=q.get("service") or None, pid=pid)
+                                      service=service, pid=pid)
         st = SAMPLE_TYPES.get(t)
         unit = st.unit if st is not None else "count"
         return JSONResponse({"type": t, "unit": unit, "from": start / 1e9, "until": end / 1e9,

@@ -4,7 +4,7 @@ import importlib
 import sys
 
 BENCHMARKS = ["attach_overhead", "probe_overhead", "walker_cost", "tick_cost", "agent_events",
-              "linker", "render", "ui", "agent_budget"]
+              "linker", "render", "ui", "agent_budget", "fuzz"]
 
 
 def main() -> None:

@@ -129,9 +129,62 @@ def _scale(node: Node, k: float) -> None:
         todo.extend(n.children.values())
 
 
+def dumps(data: object) -> str:
+    """Compact JSON of a document of dicts, lists, strings and numbers, however deep.
+
+    json's encoder recurses once per level and gives up near the interpreter's recursion limit;
+    a flame graph tree is two levels per frame, so stacks of a few hundred frames need more.
+    Documents it cannot write go through an explicit stack instead (slower, same text).
+    """
+    try:
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except RecursionError:
+        return _dumps_iterative(data)
+
+
+class _Raw:
+    """Text the iterative encoder writes as is (brackets, separators, keys)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+_END_LIST, _END_DICT, _COMMA = _Raw("]"), _Raw("}"), _Raw(",")
+
+
+def _dumps_iterative(data: object) -> str:
+    enc = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+    out: list[str] = []
+    todo: list = [data]
+    while todo:
+        item = todo.pop()
+        if type(item) is _Raw:
+            out.append(item.text)
+        elif isinstance(item, dict):
+            out.append("{")
+            todo.append(_END_DICT)
+            pairs = list(item.items())
+            for i in range(len(pairs) - 1, -1, -1):  # pushed last first: popped in order
+                k, v = pairs[i]
+                todo.append(v)
+                todo.append(_Raw(("," if i else "") + enc(str(k)) + ":"))
+        elif isinstance(item, (list, tuple)):
+            out.append("[")
+            todo.append(_END_LIST)
+            for i in range(len(item) - 1, -1, -1):
+                todo.append(item[i])
+                if i:
+                    todo.append(_COMMA)
+        else:
+            out.append(enc(item))
+    return "".join(out)
+
+
 def script_json(data: object) -> str:
     """JSON safe to embed in a <script> element: no `</script>`, no `<!--`, no entity tricks."""
-    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    text = dumps(data)
     return (text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
             .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 

@@ -17,7 +17,18 @@ from typing import Iterator
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = ROOT / "tests" / "programs"
 SPANFLAME = Path(sys.executable).parent / "spanflame"
+#: The venv running the tests (`make test` makes .venv; a worktree uses its main checkout's).
+VENV = Path(sys.prefix)
 ARTIFACTS = ROOT / "tests" / "artifacts"
+
+
+def cli_env(extra: dict | None = None) -> dict:
+    """The environment for a `spanflame` child: this checkout's code first on the path (the
+    console script may belong to an editable install of another checkout, e.g. a worktree's
+    tests run with the main checkout's venv)."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT),
+            **(extra or {})}
 
 
 def run_cli(*args: str, timeout: float = 120, user: str | None = None,
@@ -26,7 +37,7 @@ def run_cli(*args: str, timeout: float = 120, user: str | None = None,
     if user:
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env=cli_env(env))
 
 
 class Target:

@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from tests.integration.test_run import AgentProc, free_port
-from tests.support import ARTIFACTS, PROGRAMS, SPANFLAME, assert_go_pprof_reads, hot_line, is_root
+from tests.support import (ARTIFACTS, PROGRAMS, SPANFLAME, assert_go_pprof_reads, cli_env, hot_line,
+                           is_root)
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
@@ -365,7 +366,7 @@ def serving(store, *extra):
     port = free_port()
     proc = subprocess.Popen([str(SPANFLAME), "serve", "--store", str(store),
                              "--listen", f"127.0.0.1:{port}", *extra],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=cli_env())
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 30

@@ -15,12 +15,12 @@ import pytest
 
 from agent import pprof
 from tests.load import Load
-from tests.support import PROGRAMS, ROOT, SPANFLAME, assert_go_pprof_reads, is_root
+from tests.support import PROGRAMS, SPANFLAME, VENV, assert_go_pprof_reads, cli_env, is_root
 
 pytestmark = [pytest.mark.integration, pytest.mark.root,
               pytest.mark.skipif(not is_root(), reason="eBPF needs root")]
 
-APPS = ROOT / ".venv" / "apps"
+APPS = VENV / "apps"
 VERSIONS = ["3.10.13", "3.11.7", "3.12.1", "3.13.0"]
 #: a kind's own work (CPU it spends inside its span) -> the span it must carry
 KINDS = {"cpu_work": "cpu_request", "parse_reply": "upstream_request",
@@ -51,7 +51,7 @@ def run_app(tmp_path: Path, version: str, seconds: float = 5, extra=()) -> dict:
                               "--rate", "200", "--duration", str(seconds), "--otlp-listen",
                               f"127.0.0.1:{port}", "--span-wait", "3", "-o", str(out),
                               "--spans-output", str(spans), *extra],
-                             capture_output=True, text=True, timeout=120)
+                             capture_output=True, text=True, timeout=120, env=cli_env())
         done = load.stop()
     finally:
         app.kill()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -17,12 +16,12 @@ import httpx
 import pytest
 
 from agent import pprof
-from tests.support import (PROGRAMS, ROOT, SPANFLAME, assert_go_pprof_reads, captured_request, go_pprof,
-                           is_root)
+from tests.support import (PROGRAMS, ROOT, SPANFLAME, assert_go_pprof_reads, captured_request, cli_env,
+                           VENV, go_pprof, is_root)
 
 pytestmark = [pytest.mark.integration]
 
-PYRO08 = ROOT / ".venv" / "pyroscope08" / "bin" / "python"
+PYRO08 = VENV / "pyroscope08" / "bin" / "python"
 FIXTURES = ROOT / "tests" / "fixtures"
 #: Ingest without the token needs a type no web page can send cross-site (agent/httpguard.py).
 OCTETS = {"content-type": "application/octet-stream"}
@@ -48,8 +47,7 @@ class AgentProc:
              # A few processes at full rate: the tests check what is recorded, not the budget
              # (bench/agent_budget.py measures that).
              "--cpu-budget", "50", *extra], stdout=self.log, stderr=subprocess.STDOUT,
-            # the checkout under test, whichever checkout the venv was installed from
-            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+            env=cli_env(env))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:

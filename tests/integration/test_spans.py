@@ -13,7 +13,7 @@ import time
 import pytest
 
 from agent import pprof
-from tests.support import (PROGRAMS, SPANFLAME, assert_go_pprof_reads, go_pprof, hot_line,
+from tests.support import (PROGRAMS, SPANFLAME, assert_go_pprof_reads, cli_env, go_pprof, hot_line,
                            is_root, target)
 
 pytestmark = [pytest.mark.integration]
@@ -42,7 +42,8 @@ def run_linked(tmp_path, probes="cpu,lock", seconds=6.0, extra=(), wrap=()):
                                 "--duration", "120", "--otlp-listen", f"127.0.0.1:{port}",
                                 "--span-wait", "3", "-o", str(out), "--spans-output",
                                 str(spans_json)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=cli_env())
         err_lines = []
         while True:  # wait until samples are being recorded
             line = cli.stderr.readline()
@@ -192,7 +193,8 @@ def test_app_that_never_sends_spans_gets_a_full_untagged_profile(tmp_path):
     with target("cpu_split", "--duration", "6", "--report", tmp_path / "t.json") as t:
         res = subprocess.run([str(SPANFLAME), "attach", str(t.pid), "--duration", "30",
                               "--otlp-listen", f"127.0.0.1:{port}", "--span-wait", "1",
-                              "-o", str(out)], capture_output=True, text=True, timeout=120)
+                              "-o", str(out)], capture_output=True, text=True, timeout=120,
+                             env=cli_env())
     assert res.returncode == 0, res.stderr
     prof = pprof.decode(out.read_bytes())
     fns = {s[0].name for s, l, v in prof.iter_type("cpu")}

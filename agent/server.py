@@ -39,6 +39,11 @@ def query_profile(agent, q) -> tuple[Profile | None, int]:
     """The merged profile for /api/profile's parameters, and how many stored profiles made it."""
     start, end = time_range(q)
     type_name = text(q, "type", 64) or "cpu"
+    if type_name not in SAMPLE_TYPES:  # a pushed profile may have its own types: ask the store
+        known = {t for svc in agent.store.services() for t in svc["types"]}
+        if type_name not in known:
+            raise BadRequest(f"unknown sample type {type_name!r}: this agent has "
+                             + ", ".join(sorted(known | set(SAMPLE_TYPES))))
     pid = _int(q, "pid")
     span_id, trace_id = _hex(q, "span_id", 16), _hex(q, "trace_id", 32)
     extra = label_filters(q, RESERVED)

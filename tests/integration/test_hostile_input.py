@@ -275,3 +275,15 @@ def test_a_full_ingest_queue_answers_429_with_retry_after_and_counts_it(agent):
     r = httpx.post(agent.url + "/push.v1.PusherService/Push", content=body,
                    headers={"content-type": "application/proto"}, timeout=30)
     assert r.status_code == 200, r.text
+
+
+def test_an_unknown_sample_type_is_a_400_naming_the_known_ones(agent):
+    """Issue 13: `type=bogus` used to answer 200 with an empty pprof."""
+    now = int(time.time())
+    r = httpx.get(f"{agent.url}/api/profile", params={"type": "bogus", "from": str(now - 600),
+                                                      "until": str(now)}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert "unknown sample type 'bogus'" in r.text and "cpu" in r.text
+    r = httpx.get(f"{agent.url}/api/profile", params={"type": "lock_wait", "from": str(now - 600),
+                                                      "until": str(now)}, timeout=30)
+    assert r.status_code == 200  # a known type with no data is an empty profile, not an error

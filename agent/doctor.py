@@ -203,7 +203,12 @@ def check_bcc() -> Check:
 
 def check_kernel_headers() -> Check:
     from probes import kheaders
-    h = kheaders.resolve(create=False)
+    try:
+        h = kheaders.resolve(create=False)
+    except PermissionError as exc:
+        return Check("kernel headers", FAIL,
+                     f"permission denied reading {exc.filename or 'the header cache'}",
+                     "run as root, or set SPANFLAME_CACHE to a directory this user can write")
     if h.kind in ("running", "env"):
         return Check("kernel headers", OK, h.detail)
     if h.kind == "fallback":

@@ -700,7 +700,12 @@ class Agent:
         rows = []
         for s in spans:
             b = bds.get(s.span_id)
-            bd = b.to_dict() if b is not None else None
+            if b is None:
+                # Nothing to add (its part of this window had no thread time): the span's row
+                # is in the store already (written before its 200), and a breakdown another
+                # window gave it must not be replaced with none.
+                continue
+            bd = b.to_dict()
             if bd is not None and (s.start_ns < window[0] or s.end_ns > window[1]):
                 prev = self.store.span(s.span_id)  # a span across windows: add the parts up
                 if prev and prev.get("breakdown"):

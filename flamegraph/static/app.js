@@ -173,7 +173,12 @@
     return l;
   }
 
-  function causeOf(span) { return (span.breakdown && span.breakdown.cause) || ''; }
+  /* A span is stored as soon as it arrives; its breakdown comes when the window it ran in is
+     linked (or never, for a span from before its process was profiled). */
+  function causeOf(span) {
+    if (!span.breakdown) return 'no profile linked (yet): its window is still open, or its process was not profiled then';
+    return span.breakdown.cause || '';
+  }
 
   function flameLink(span, extra) {
     var p = Object.assign({trace_id: span.trace_id, span_id: span.span_id}, extra || {});
@@ -426,7 +431,7 @@
         var body = el('tbody');
         rows.forEach(function (s) {
           var link = el('a', {href: flameLink(s), class: 'sf-span-link', text: s.name});
-          var tr = el('tr', {class: 'sf-span-row', 'data-span-id': s.span_id}, [
+          var tr = el('tr', {class: 'sf-span-row' + (s.breakdown ? '' : ' sf-pending'), 'data-span-id': s.span_id}, [
             el('td', {class: 'sf-span-name'}, [link, el('div', {class: 'sf-muted', text: s.service + (s.pid ? ' · pid ' + s.pid : '')})]),
             el('td', {class: 'num', text: fmtNs(s.duration_ms * 1e6)}),
             el('td', {class: 'sf-nowrap', text: fmtTime(s.start)}),

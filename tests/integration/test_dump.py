@@ -17,6 +17,7 @@ pytestmark = pytest.mark.integration
 THREADS = {"lock-waiter": ("KS-LOCK", "lock"), "sleeper": ("KS-SLEEP", "sleep"),
            "reader": ("KS-RECV", "net"), "spinner": ("KS-SPIN", None)}
 DUMPS = 7
+MAX_DUMPS = 40
 
 
 @pytest.mark.parametrize("version", ["3.10", "3.12", "3.13", "debian-3.11"])
@@ -28,16 +29,25 @@ def test_dump_shows_each_threads_line_and_what_it_waits_on(version, tmp_path):
         pytest.skip(f"{python} is not installed")
     with target("known_stacks", "--dir", tmp_path, "--observe", "0.2",
                 python=str(python)) as t:
+        tids = t.info["threads"]
         docs = []
-        for _ in range(DUMPS):
+        # A blocked thread here is in its own wait or back and waiting for the GIL (three
+        # spinners hold it in turns): dump until each was caught in its own wait, or give up.
+        for _ in range(MAX_DUMPS):
             res = run_cli("dump", t.pid, "--json")
             assert res.returncode == 0, res.stderr
             docs.append(json.loads(res.stdout))
+            seen = {x["tid"]: set() for x in docs[0]["threads"]}
+            for d in docs:
+                for x in d["threads"]:
+                    seen.setdefault(x["tid"], set()).add(x["state"])
+            if len(docs) >= DUMPS and all(state in seen[tids[name]] for name, (_m, state)
+                                          in THREADS.items() if state):
+                break
         text = run_cli("dump", t.pid)
     assert text.returncode == 0, text.stderr
     assert f"Process {t.pid}: CPython {version.removeprefix('debian-')}" in text.stdout
     assert 'Thread' in text.stdout and '"lock-waiter"' in text.stdout
-    tids = t.info["threads"]
     for name, (marker, state) in THREADS.items():
         states = Counter()
         for d in docs:
@@ -50,10 +60,11 @@ def test_dump_shows_each_threads_line_and_what_it_waits_on(version, tmp_path):
             states[th["state"]] += 1
         if state:  # blocked threads: in their own kind of wait, or back and waiting for the
             # GIL (three spinners hold it in turns), nothing else
-            assert states[state] >= 1 and states[state] + states["gil"] + states["running"] \
-                >= DUMPS - 1, (name, states)
+            assert states[state] >= 1, (name, states)
+            assert states[state] + states["gil"] + states["running"] >= 0.8 * len(docs), \
+                (name, states)
         else:
-            assert states["running"] + states["gil"] >= DUMPS // 2, (name, states)
+            assert states["running"] + states["gil"] >= 0.5 * len(docs), (name, states)
 
 
 def test_dump_of_an_interpreter_the_walker_does_not_read_uses_py_spy(tmp_path):

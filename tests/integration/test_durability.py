@@ -74,7 +74,8 @@ class Load:
 
     def _pushes(self) -> None:
         rng = random.Random(self.round)
-        with httpx.Client(timeout=10) as c:
+        # what the pyroscope-io clients send (a simple content type is refused: CSRF)
+        with httpx.Client(timeout=10, headers={"content-type": "binary/octet-stream"}) as c:
             k = 0
             while not self.stop.is_set():
                 k += 1

@@ -99,7 +99,8 @@ def test_agent_on_a_full_disk_answers_507_with_the_reason(tmp_path):
                 body = "\n".join(";".join(f"f{rng.getrandbits(96):024x}" for _ in range(4))
                                  + f" {rng.randint(1, 99)}" for _ in range(2000))
                 r = httpx.post(f"{a.url}/ingest", params={"name": "filler", "format": "folded"},
-                               content=body.encode(), timeout=30)
+                               content=body.encode(), timeout=30,
+                               headers={"content-type": "application/octet-stream"})
                 if r.status_code != 200:
                     got = r
                     break

@@ -79,7 +79,8 @@ def test_each_request_awaits_in_its_own_function(page, asyncio_shop):
         pending = page.locator("tr.sf-span-row.sf-pending .sf-cause").all_inner_texts()
         assert all(c.startswith("no profile linked (yet)") for c in pending), pending
         own = [c for c in causes if re.match(pattern, c)]
-        assert len(own) >= 0.95 * len(causes), (name, causes)
+        assert len(own) >= 0.95 * len(causes), (name, len(own), len(causes), "not its own:",
+                                                 [c for c in causes if not re.match(pattern, c)])
         own_fn = pattern.split(" in ")[1].split(" ")[0]
         wrong = [c for c in causes if any(f" in {o} " in c for o in OTHERS if o != own_fn)]
         assert not wrong, (name, wrong)

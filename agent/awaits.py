@@ -9,7 +9,7 @@ poll: added to a profile it is the `await` sample type, on the stack the task aw
 it names what a span's awaiting time was spent on ("awaiting the network in fetch_upstream").
 
 A process is polled every `interval_s` while it has tasks with open spans, or lately sent spans
-in tasks (`want`, called as such spans arrive); once a second while its registry is there but
+in tasks (`want`, called as such spans arrive); four times a second while its registry is there but
 empty (an app with the hookup, between requests); every 30 s while the hookup is not there.
 
 Threading: `watch`, `unwatch` and `close` from one owner thread; polling on the poller's own
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 MAX_TASKS = 512            # per process and poll; more are counted and left for the next poll
 MAX_OBSERVATIONS = 200_000  # held per process between prunes
 WANT_S = 60.0              # a process is polled this long after its last span in a task
-IDLE_S = 1.0               # ... then this often while its registry is empty
+IDLE_S = 0.25              # ... then this often while its registry is empty (a poll of an
+#                            empty one: ~36 us; requests after a lull are seen within 0.25 s)
 ABSENT_S = 30.0            # ... and this often while it has no registry at all
 
 #: what a task awaits -> words for it ("awaiting the network")
@@ -102,6 +103,8 @@ class AwaitPoller:
         self._next: dict[int, float] = {}                    # pid -> when to poll it next
         self._last: dict[int, int] = {}
         self._obs: dict[int, list[AwaitObservation]] = {}
+        # pid -> [(poll time, the tasks with open spans then)], oldest first (see settled_at)
+        self._open: dict[int, list[tuple[int, frozenset]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -148,12 +151,40 @@ class AwaitPoller:
         for pid in list(self._procs):
             self.unwatch(pid)
 
+    def settled_at(self, pid: int, t_ns: int) -> int | None:
+        """When every task that had an open span at `t_ns` had ended it: the first poll after
+        `t_ns` at which none of the tasks open at the first poll after `t_ns` is still open.
+        A span overlapping a window that ends at `t_ns` has ended by then, so once the process
+        has sent a span that ended later, it was sent too. `t_ns` itself for a process that is
+        not polled or has no task with an open span; None while not known yet."""
+        with self._lock:
+            polls = self._open.get(pid)
+            if pid not in self._procs or not polls or polls[-1][0] < t_ns and not polls[-1][1]:
+                return t_ns
+            first = None
+            for t, tasks in polls:
+                if t < t_ns:
+                    continue
+                if first is None:
+                    first = tasks
+                    if not first:  # (spans that ended before this poll: sent before a later one)
+                        return t
+                elif not (first & tasks):
+                    return t
+            return None
+
     def window(self, pid: int, lo: int, hi: int) -> list[AwaitObservation]:
         with self._lock:
             return [o for o in self._obs.get(pid, ()) if lo <= o.t_ns < hi]
 
     def prune(self, before_ns: int) -> None:
         with self._lock:
+            for pid in list(self._open):
+                kept_polls = [p for p in self._open[pid] if p[0] >= before_ns]
+                if kept_polls or pid in self._procs:
+                    self._open[pid] = kept_polls
+                else:
+                    del self._open[pid]
             for pid in list(self._obs):
                 kept = [o for o in self._obs[pid] if o.t_ns >= before_ns]
                 if kept or pid in self._procs:
@@ -193,6 +224,9 @@ class AwaitPoller:
         out = []
         with ProcessMemory(proc.pid) as mem:
             tasks = pyasync.active_tasks(proc, mem)
+            if tasks.present:
+                with self._lock:
+                    self._open.setdefault(proc.pid, []).append((now, frozenset(tasks)))
             if len(tasks) > MAX_TASKS:
                 self.dropped += len(tasks) - MAX_TASKS
                 tasks = tasks[:MAX_TASKS]

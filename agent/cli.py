@@ -83,7 +83,8 @@ Examples:
                    "processes with many threads; waiting threads are seen only as they last ran.")
 @click.option("--spans-output", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help="With --otlp-listen: write each span's time breakdown (CPU, lock, IO, net, "
-                   "other, unaccounted) and dominant cause as JSON.")
+                   "other, unaccounted, not observed) and dominant cause as "
+                   "JSON.")
 @click.option("--insecure-no-auth", is_flag=True,
               help="Allow --otlp-listen beyond loopback (attach has no token: anyone reaching "
                    "it can send spans).")

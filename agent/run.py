@@ -260,10 +260,19 @@ class Pipeline:
             return True
         if waited < 0.6:  # one probe drain at least
             return False
-        latest = a.spans.latest_start(job.target.pid)
+        pid = job.target.pid
+        latest = a.spans.latest_start(pid)
         if latest is None:
             return True
-        return latest > job.end_ns
+        if latest <= job.end_ns:
+            return False
+        # In asyncio, requests overlap: a short one that started after the window may be sent
+        # while a long one that overlaps the window is still open. Wait until every task that
+        # had an open span at the window's end has ended it, and a span ending later has come.
+        settled = a.awaits.settled_at(pid, job.end_ns) if a.awaits is not None else job.end_ns
+        if settled is None:
+            return False
+        return settled <= job.end_ns or (a.spans.latest_end(pid) or 0) >= settled
 
     def _run(self) -> None:
         while not self._stop.wait(0.25):
@@ -697,6 +706,8 @@ class Agent:
                 data.counters.get("records_dropped", 0))
 
     def _store_spans(self, spans, bds: dict, window: tuple[int, int]) -> None:
+        from agent.spansummary import unobserved_ns
+
         rows = []
         for s in spans:
             b = bds.get(s.span_id)
@@ -716,6 +727,7 @@ class Agent:
                             bd[k] = bd.get(k, 0) + pb.get(k, 0)
                         bd["windows"] = pb.get("windows", []) + [window[0]]
                         bd["top"] = _merge_top(pb.get("top") or {}, bd.get("top") or {})
+                        bd["unobserved_ns"] = unobserved_ns(bd)
                         bd["cause"] = _cause_of(bd)
                 else:
                     bd["windows"] = [window[0]]

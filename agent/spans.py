@@ -258,6 +258,7 @@ class SpanStore:
         self.unlinkable = 0
         self.services: dict[int, str] = {}   # pid -> service.name of its spans
         self._latest: dict[int, int] = {}     # pid -> latest span start seen
+        self._latest_end: dict[int, int] = {}  # pid -> latest span end seen
         self._per_pid: dict[int, int] = {}    # pid -> spans held
         self._listeners: list = []
 
@@ -286,6 +287,8 @@ class SpanStore:
                     self._per_pid[s.pid] = self._per_pid.get(s.pid, 0) + 1
                     if s.start_ns > self._latest.get(s.pid, 0):
                         self._latest[s.pid] = s.start_ns
+                    if s.end_ns > self._latest_end.get(s.pid, 0):
+                        self._latest_end[s.pid] = s.end_ns
                 else:
                     self.unlinkable += 1
                 n += 1
@@ -337,6 +340,7 @@ class SpanStore:
             self._per_pid.pop(s.pid, None)
             self.services.pop(s.pid, None)
             self._latest.pop(s.pid, None)
+            self._latest_end.pop(s.pid, None)
 
     def task_spans(self, pid: int, task: int, start_ns: int, end_ns: int) -> list[SpanRecord]:
         """Spans that ran in asyncio task `task` of `pid`, overlapping [start_ns, end_ns)."""
@@ -354,6 +358,12 @@ class SpanStore:
         """The latest start of a span received from `pid`, None if it never sent one."""
         with self._lock:
             return self._latest.get(pid)
+
+    def latest_end(self, pid: int) -> int | None:
+        """The latest end of a span received from `pid` (exporters send spans in the order they
+        ended: every span that ended before it was sent too), None if it never sent one."""
+        with self._lock:
+            return self._latest_end.get(pid)
 
     def threads_of(self, pid: int) -> list[int]:
         with self._lock:

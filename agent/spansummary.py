@@ -34,7 +34,8 @@ _WORDS = {"cpu": "on CPU", "lock": "waiting on a lock", "gil": "waiting for the 
           "sync": "waiting for another thread", "await": "awaiting",
           "io": "waiting on disk IO",
           "net": "waiting on the network", "other": "off CPU",
-          "children": "in child spans", "unaccounted": "unaccounted for"}
+          "children": "in child spans", "unaccounted": "unaccounted for",
+          "unobserved": "not observed"}
 
 
 @dataclass
@@ -65,7 +66,18 @@ class SpanBreakdown:
     cause: str = ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["unobserved_ns"] = unobserved_ns(d)
+        return d
+
+
+_PART_KEYS = tuple(f"{c}_ns" for c in CATEGORIES) + ("children_ns", "unaccounted_ns")
+
+
+def unobserved_ns(bd: dict) -> int:
+    """The part of a span no window covered (it began before the agent watched its process, or
+    a window with its rest is still to come): its duration less the parts windows gave it."""
+    return max(0, bd.get("duration_ns", 0) - sum(bd.get(k, 0) for k in _PART_KEYS))
 
 
 def _minus(intervals: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -307,6 +319,7 @@ def cause(b: SpanBreakdown) -> str:
     parts = {c: getattr(b, f"{c}_ns") for c in CATEGORIES}
     parts["children"] = b.children_ns
     parts["unaccounted"] = b.unaccounted_ns
+    parts["unobserved"] = max(0, b.duration_ns - sum(parts.values()))
     total = sum(parts.values())
     if not total:
         return ""

@@ -16,7 +16,8 @@
     ['cpu', 'CPU'], ['lock', 'lock'], ['gil', 'GIL'], ['sync', 'waiting for another thread'],
     ['await', 'awaiting (asyncio)'],
     ['io', 'disk IO'], ['net', 'network'],
-    ['other', 'other off-CPU'], ['children', 'child spans'], ['unaccounted', 'unaccounted']];
+    ['other', 'other off-CPU'], ['children', 'child spans'], ['unaccounted', 'unaccounted'],
+    ['unobserved', 'not observed']];
   var TYPE_HELP = {
     cpu: 'time on CPU', wall: 'wall-clock time', off_cpu: 'time off CPU', lock_wait: 'lock waits',
     gil_wait: 'GIL waits', io_wait: 'disk IO waits', io: 'disk IO bytes', net_wait: 'network waits',

@@ -46,6 +46,10 @@ def asyncio_shop(tmp_path_factory):
     load = None
     try:
         info = json.loads(app.stdout.readline())
+        # Requests start once the agent watches the app (and its await poller has had a look):
+        # a request that began before is partly unobserved, and its cause rightly says so.
+        agent.wait_watching(info["pid"])
+        time.sleep(1)
         load = Load(f"http://127.0.0.1:{info['port']}", CLIENTS)
         app.wait(timeout=60)
         load.stop()

@@ -59,6 +59,17 @@ class AgentProc:
             time.sleep(0.2)
         raise AssertionError("agent did not come up: " + Path(self.log.name).read_text())
 
+    def wait_watching(self, pid: int, timeout: float = 60) -> int:
+        """Wait until the agent profiles `pid` (its /healthz lists a stack source for it); the
+        wall-clock time (ns) it was first seen so. Spans that began before are partly unobserved."""
+        deadline = time.time() + timeout
+        while True:
+            src = httpx.get(f"{self.url}/healthz", timeout=10).json()["sources"].get(str(pid))
+            if src and src["sampler"] != "none":
+                return time.time_ns()
+            assert time.time() < deadline, f"the agent did not pick up PID {pid}"
+            time.sleep(0.1)
+
     def profile(self, **params) -> tuple[httpx.Response, object]:
         r = httpx.get(f"{self.url}/api/profile", params=params, timeout=60)
         return r, (pprof.decode(r.content) if r.status_code == 200 else None)

@@ -114,3 +114,23 @@ def test_a_parent_mostly_in_child_spans_says_what_its_children_did():
                           "(repo.py:54), in Repo.save")
     assert mid.cause.startswith("89% in child spans: mostly waiting on a lock")
     assert leaf.cause == "88% waiting on a lock in Repo.save (repo.py:54)"  # not a parent
+
+
+def test_a_span_partly_outside_every_window_says_that_part_was_not_observed():
+    """A span that began before the agent watched its process: what the window saw of it is its
+    last fifth; the cause must not pass that fifth off as the whole span."""
+    from agent.spansummary import unobserved_ns
+    s = span("0" * 15 + "3", 0, 100, name="early")
+    cpu = PiecewiseCpu()
+    cpu.add(7, 0, 0)
+    cpu.add(7, 100 * MS, 100 * MS)  # on CPU all along
+    b, = breakdowns([s], store(s), cpu, window=(80 * MS, 200 * MS))
+    assert b.cpu_ns == 20 * MS
+    assert b.cause == "80% not observed"
+    d = b.to_dict()
+    assert d["unobserved_ns"] == 80 * MS
+    # the window with its first part adds the rest (as the agent merges windows): all observed
+    d["cpu_ns"] += 80 * MS
+    assert unobserved_ns(d) == 0
+    whole, = breakdowns([s], store(s), cpu, window=(0, 200 * MS))
+    assert whole.cause.startswith("100% on CPU") and whole.to_dict()["unobserved_ns"] == 0

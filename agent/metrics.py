@@ -74,8 +74,11 @@ class Metrics:
         self.agent_cpu = Gauge(f"{NS}_agent_cpu_ratio",
                                "agent CPU (itself and py-spy) over the last window, in cores",
                                registry=r)
-        self.store_bytes = Gauge(f"{NS}_store_bytes", "bytes of profiles in the store",
+        self.store_bytes = Gauge(f"{NS}_store_bytes",
+                                 "bytes the store takes on disk (its directory, as du -sb counts)",
                                  registry=r)
+        self.store_profile_bytes = Gauge(f"{NS}_store_profile_bytes",
+                                         "bytes of the stored profiles themselves", registry=r)
         self.store_full = Counter(f"{NS}_store_disk_full",
                                   "writes refused because the store's disk is full",
                                   registry=r)

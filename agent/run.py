@@ -314,6 +314,7 @@ class Agent:
         self.store = Store(opts.store, retention_s=opts.retention_hours * 3600,
                            max_bytes=opts.retention_bytes)
         self.store.on_full = lambda _err: self.metrics.store_full.inc()
+        self.metrics.store_bytes.set_function(self.store.disk_bytes)  # at each scrape
         self.spans = SpanStore(max_spans=opts.max_spans, max_bytes=opts.max_span_bytes)
         #: OTLP batches into the store (durable) before their 200, then into self.spans
         self.span_writer = SpanWriter(self.store, self.spans)
@@ -521,7 +522,7 @@ class Agent:
                         deleted = 0
                     if deleted:
                         self.metrics.store_deleted.inc(deleted)
-                    self.metrics.store_bytes.set(self.store.data_bytes())
+                    self.metrics.store_profile_bytes.set(self.store.data_bytes())
                 self._span_metrics()
             except Exception:  # loop edge
                 log.exception("discovery failed")

@@ -545,6 +545,18 @@ class Store:
                 total += p.stat().st_size
         return total
 
+    def disk_bytes(self) -> int:
+        """What the store takes on disk, as `du -sb` of its directory counts it: every file in
+        it (the database, its WAL and shared memory, the disk-full reserve)."""
+        total = 0
+        for root, _dirs, files in os.walk(self.dir):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(root, name)).st_size
+                except OSError:  # a WAL checkpointed away meanwhile
+                    pass
+        return total
+
     def used_bytes(self) -> int:
         """Bytes of the database's pages in use (the file less its free pages)."""
         con = self._con()

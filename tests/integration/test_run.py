@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -292,6 +293,13 @@ def test_metrics_and_health(world):
                  "spanflame_agent_cpu_ratio"):
         assert name in text, name
     assert 'spanflame_ingest_requests_total{endpoint="push",result="ok"}' in text
+    # The store's size is what `du` says of its directory (it once counted profile bytes only:
+    # 7.8 MB reported for a 58 MB directory).
+    m = re.search(r"^spanflame_store_bytes (\S+)$", text, re.M)
+    du = int(subprocess.run(["du", "-sb", str(agent.store)], capture_output=True, text=True,
+                            check=True).stdout.split()[0])
+    assert m and abs(float(m.group(1)) - du) <= 0.05 * du + 64 * 1024, (m and m.group(1), du)
+    assert re.search(r"^spanflame_store_profile_bytes \S+$", text, re.M)
 
 
 def test_kill_9_and_restart_serves_everything_stored_before(tmp_path):

@@ -17,6 +17,7 @@ Two stack sources (`--sampler`):
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import replace, dataclass, field
@@ -29,6 +30,8 @@ from agent.model import SAMPLE_TYPES, Profile
 from agent.pyspy import PySpyRecorder, Recording, check_target
 from agent.schedstat import SchedstatPoller
 from agent.timeline import PiecewiseCpu
+
+log = logging.getLogger(__name__)
 
 #: Probes `attach --probes` knows, and the sample types each gives.
 PROBE_TYPES: dict[str, tuple[str, ...]] = {
@@ -76,6 +79,8 @@ class AttachOptions:
     gil_only: bool = False
     #: where stacks come from: auto (the kernel walker where it can run, else py-spy), bpf, py-spy
     sampler: str = "auto"
+    #: also profile the target's Python descendants, as they start (kernel walker only)
+    subprocesses: bool = False
 
     def __post_init__(self) -> None:
         if self.duration_s <= 0:
@@ -86,6 +91,9 @@ class AttachOptions:
             raise UsageError("--offcpu-threshold must be between 0.01 and 10000 ms")
         if self.sampler not in SAMPLERS:
             raise UsageError(f"unknown sampler {self.sampler!r}: use " + ", ".join(SAMPLERS))
+        if self.subprocesses and self.sampler == "py-spy":
+            raise UsageError("--subprocesses needs the kernel stack walker (--sampler auto or "
+                             "bpf)")
 
 
 @dataclass
@@ -165,8 +173,9 @@ def attach(options: AttachOptions, *, progress: Callable[[float], None] | None =
                 return result
             why = (session.walker.get(options.pid) if session.loaded
                    else session.off.get("cpu") or next(iter(session.off.values()), "BPF is off"))
-            if options.sampler == "bpf":
-                raise SamplerError(f"--sampler bpf: the kernel stack walker cannot profile PID "
+            if options.sampler == "bpf" or options.subprocesses:
+                flag = "--sampler bpf" if options.sampler == "bpf" else "--subprocesses"
+                raise SamplerError(f"{flag}: the kernel stack walker cannot profile PID "
                                    f"{options.pid}: {why}")
             if not bpf or not session.loaded:
                 session.close()
@@ -212,6 +221,7 @@ def _attach_kernel(options: AttachOptions, session, receiver, progress, stop) ->
 
     pid = options.pid
     names = ThreadNameCache(pid, session.procs.get(pid))
+    follower = _Descendants(session, pid).start() if options.subprocesses else None
     poller = None
     if receiver is not None and pid in session.procs:  # what suspended asyncio tasks await
         from agent.awaits import AwaitPoller
@@ -225,9 +235,12 @@ def _attach_kernel(options: AttachOptions, session, receiver, progress, stop) ->
     finally:
         if poller is not None:
             poller.close()
+        if follower is not None:
+            follower.close()
     elapsed = time.monotonic() - t0
     names.refresh()
     data = session.close()
+    children = follower.children if follower is not None else {}
     end_ns = data.end_ns
     exited = not _alive(pid)
     if receiver is not None:
@@ -251,6 +264,11 @@ def _attach_kernel(options: AttachOptions, session, receiver, progress, stop) ->
     waits = add_records(profile, pid, data, python_stack=kernel_python_stack,
                         window=(start_ns, end_ns), linker=linker, thread_names=names.get(),
                         cpu=cpu)
+    for child, child_names in children.items():  # --subprocesses: each labelled by its pid
+        waits.add(add_records(profile, child, data, python_stack=kernel_python_stack,
+                              window=(start_ns, end_ns), linker=linker,
+                              thread_names=child_names.get(),
+                              cpu=RunsCpu(data, child, start_ns, end_ns)))
     if awaits:
         from agent.recordprofile import add_awaits
         waits.await_ns = add_awaits(profile, pid, awaits, window=(start_ns, end_ns),
@@ -261,6 +279,13 @@ def _attach_kernel(options: AttachOptions, session, receiver, progress, stop) ->
         notes.append(f"stopped early after {elapsed:.1f} s; wrote what was recorded")
     if exited:
         notes.append(f"target exited after {elapsed:.1f} s; the profile is partial")
+    if follower is not None:
+        notes.append(f"subprocesses: {len(children)} profiled"
+                     + (f" (PIDs {', '.join(map(str, sorted(children)[:20]))}"
+                        + (", ..." if len(children) > 20 else "") + ")" if children else "")
+                     + (f"; {len(follower.skipped)} not (" + "; ".join(
+                         f"PID {p}: {w}" for p, w in sorted(follower.skipped.items())[:5])
+                        + ")" if follower.skipped else ""))
     threads = ({s.tid for s in data.samples} | {r.tid for r in data.runs}
                | {w.tid for w in data.open_waits})
     result = AttachResult(
@@ -285,6 +310,69 @@ def _attach_kernel(options: AttachOptions, session, receiver, progress, stop) ->
         result.span_breakdowns = breakdowns(mine, store, cpu, data, profile,
                                             window=(start_ns, end_ns))
     return result
+
+
+class _Descendants:
+    """--subprocesses: every `interval_s`, the target's descendants that run Python are added
+    to the probe session (a forked worker at once; an exec'd interpreter once it has set itself
+    up). Bounded: at most MAX processes; a descendant the walker cannot read is named in the
+    summary, not retried forever."""
+
+    MAX = 256
+    TRIES = 20  # looks at a descendant whose interpreter is not set up yet
+
+    def __init__(self, session, pid: int, interval_s: float = 0.2) -> None:
+        self.session = session
+        self.root = pid
+        self.interval_s = interval_s
+        self.children: dict[int, object] = {}   # pid -> ThreadNameCache
+        self.skipped: dict[int, str] = {}       # pid -> why not
+        self._tries: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spanflame-children",
+                                        daemon=True)
+
+    def start(self) -> "_Descendants":
+        self._look()
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for names in self.children.values():
+            names.refresh()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._look()
+            except Exception:  # loop edge: the recording goes on without more children
+                log.debug("looking for subprocesses failed", exc_info=True)
+
+    def _look(self) -> None:
+        import psutil
+
+        from agent.threadnames import ThreadNameCache
+        try:
+            kids = psutil.Process(self.root).children(recursive=True)
+        except psutil.Error:
+            return
+        for k in kids:
+            pid = k.pid
+            if pid in self.children or pid in self.skipped:
+                continue
+            if len(self.children) >= self.MAX:
+                self.skipped[pid] = f"more than {self.MAX} subprocesses"
+                continue
+            why = self.session.add_target(pid)
+            if why is None:
+                self.children[pid] = ThreadNameCache(pid, self.session.procs.get(pid))
+                continue
+            self.session.remove_target(pid)  # until its interpreter is readable
+            n = self._tries[pid] = self._tries.get(pid, 0) + 1
+            if n >= self.TRIES:
+                self.skipped[pid] = why
 
 
 def _wait_interpreter(pid: int, timeout_s: float = 5.0) -> None:

@@ -50,6 +50,7 @@ Examples:
   spanflame attach 4242                       10 s of CPU, written to spanflame-4242-<time>.pb.gz
   spanflame attach 4242 -d 30 -o app.html     a flame graph to open in a browser
   spanflame attach 4242 --probes all          CPU plus off-CPU, lock, GIL, IO and network waits
+  spanflame attach 4242 -s                    a gunicorn master and its workers, by pid
   spanflame attach 4242 --otlp-listen 127.0.0.1:4318 --spans-output spans.json
                                               each span's time split into its causes
 """)
@@ -88,18 +89,23 @@ Examples:
 @click.option("--insecure-no-auth", is_flag=True,
               help="Allow --otlp-listen beyond loopback (attach has no token: anyone reaching "
                    "it can send spans).")
+@click.option("-s", "--subprocesses", is_flag=True,
+              help="Profile the process's Python descendants too, as they start (gunicorn, "
+                   "uwsgi, celery, multiprocessing workers); samples carry their pid. Needs "
+                   "the kernel stack walker.")
 def attach(pid: int, duration: float, rate: int, sampler: str, output: str | None, probes: str,
            offcpu_threshold: float, otlp_listen: str | None, span_wait: float,
-           gil_only: bool, spans_output: str | None, insecure_no_auth: bool) -> None:
+           gil_only: bool, spans_output: str | None, insecure_no_auth: bool,
+           subprocesses: bool = False) -> None:
     """Profile the running Python process PID."""
     _profile(pid, None, duration, rate, sampler, output, probes, offcpu_threshold, otlp_listen,
-             span_wait, gil_only, spans_output, insecure_no_auth)
+             span_wait, gil_only, spans_output, insecure_no_auth, subprocesses)
 
 
 def _profile(pid: int, command: list[str] | None, duration: float, rate: int, sampler: str,
              output: str | None, probes: str, offcpu_threshold: float, otlp_listen: str | None,
              span_wait: float, gil_only: bool, spans_output: str | None,
-             insecure_no_auth: bool = False) -> None:
+             insecure_no_auth: bool = False, subprocesses: bool = False) -> None:
     """attach (pid) or record (command): the options, the progress, the output, the summary."""
     import subprocess
 
@@ -115,7 +121,7 @@ def _profile(pid: int, command: list[str] | None, duration: float, rate: int, sa
                             probes=parse_probes(probes),
                             offcpu_threshold_ns=round(offcpu_threshold * 1e6),
                             otlp_listen=otlp_listen, span_wait_s=span_wait, gil_only=gil_only,
-                            sampler=sampler)
+                            sampler=sampler, subprocesses=subprocesses)
     if output is None:
         name = pid if command is None else Path(command[0]).name.removesuffix(".py")
         output = f"spanflame-{name}-{time.strftime('%Y%m%dT%H%M%S')}.pb.gz"
@@ -197,12 +203,13 @@ def _profile(pid: int, command: list[str] | None, duration: float, rate: int, sa
 def _record(command: tuple[str, ...], duration: float | None, rate: int, sampler: str,
             output: str | None, probes: str, offcpu_threshold: float, otlp_listen: str | None,
             span_wait: float, gil_only: bool, spans_output: str | None,
-            insecure_no_auth: bool = False) -> None:
+            insecure_no_auth: bool = False, subprocesses: bool = False) -> None:
     """Start COMMAND and profile it until it exits (or for --duration)."""
     if not command:
         raise UsageError("record needs a command to run: spanflame record -- python app.py")
     _profile(0, list(command), duration or 366 * 86400.0, rate, sampler, output, probes,
-             offcpu_threshold, otlp_listen, span_wait, gil_only, spans_output, insecure_no_auth)
+             offcpu_threshold, otlp_listen, span_wait, gil_only, spans_output, insecure_no_auth,
+             subprocesses)
 
 
 def _record_command() -> click.Command:
@@ -227,6 +234,7 @@ Examples:
   spanflame record -- python app.py --port 8000       until it exits
   spanflame record -o run.html --probes all -- python batch.py
   spanflame record -d 30 -- gunicorn app:app         the first 30 s
+  spanflame record -s -- python train.py             with its multiprocessing workers
 """, context_settings={"help_option_names": ["-h", "--help"]})
 
 

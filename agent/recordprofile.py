@@ -58,6 +58,15 @@ class WaitSummary:
     await_ns: int = 0
     connects: list[int] = field(default_factory=list)
 
+    def add(self, other: "WaitSummary") -> None:
+        """Add another process's totals (attach --subprocesses)."""
+        for r, ns in other.off_cpu_ns.items():
+            self.off_cpu_ns[r] = self.off_cpu_ns.get(r, 0) + ns
+        for k in ("cpu_ns", "lock_ns", "gil_ns", "io_bytes", "io_requests", "net_send",
+                  "net_recv", "retransmits", "await_ns"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.connects += other.connects
+
 
 def prorated(value: int, start: int, end: int, lo: int, hi: int) -> int:
     """The part of `value`, spread evenly over [start, end], that falls in [lo, hi)."""

@@ -35,7 +35,7 @@ def span_row(s: SpanRecord) -> tuple:
     """The `spans` table row of a span (no breakdown yet)."""
     return (s.span_id, s.trace_id, s.parent_span_id, s.name, s.service, s.pid, s.tid,
             s.start_ns, s.end_ns, s.end_ns - s.start_ns, s.status, s.kind,
-            json.dumps(dict(s.attributes)) if s.attributes else "{}", None)
+            json.dumps(dict(s.attributes), separators=(",", ":")) if s.attributes else "{}", None)
 
 
 class SpanWriter:

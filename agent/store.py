@@ -117,6 +117,39 @@ def _span_subquery(span_id, trace_id, span_ids) -> tuple[str, list]:
     return "SELECT profile_id FROM profile_spans WHERE " + " AND ".join(where), args
 
 
+_SEP = (",", ":")
+#: a span's breakdown repeats these fields of its row: stored once, in the row
+_ROW_KEYS = ("trace_id", "span_id", "parent_span_id", "name", "service", "pid", "tid",
+             "start_ns", "duration_ns", "status")
+#: its parts: stored only when not zero
+_ZERO_KEYS = ("cpu_ns", "lock_ns", "gil_ns", "sync_ns", "await_ns", "io_ns", "net_ns", "other_ns",
+              "children_ns", "unaccounted_ns", "unobserved_ns", "samples")
+
+
+def _pack_breakdown(bd: dict, row: dict) -> str:
+    """A breakdown as stored: without what its row holds and without zero parts (a third of
+    its size; spans are most of a store's bytes). `_unpack_breakdown` gives it back whole."""
+    if not all(k in bd for k in _ROW_KEYS):  # not a span's breakdown: kept as it is
+        return json.dumps(bd, separators=_SEP)
+    row = {**row, "duration_ns": row["end_ns"] - row["start_ns"]}
+    out = {k: v for k, v in bd.items()
+           if not (k in _ROW_KEYS and row.get(k) == v) and not (k in _ZERO_KEYS and v == 0)
+           and not (k == "top" and not v)}
+    out["_packed"] = 1
+    return json.dumps(out, separators=_SEP)
+
+
+def _unpack_breakdown(bd: dict, row: dict) -> dict:
+    if not isinstance(bd, dict) or not bd.pop("_packed", 0):  # stored whole (older stores)
+        return bd
+    for k in _ROW_KEYS:
+        bd.setdefault(k, row.get(k))
+    for k in _ZERO_KEYS:
+        bd.setdefault(k, 0)
+    bd.setdefault("top", {})
+    return bd
+
+
 @dataclass(frozen=True)
 class StoredProfile:
     id: int
@@ -314,8 +347,8 @@ class Store:
                 [(r["span_id"], r["trace_id"], r.get("parent_span_id", ""), r["name"],
                   r["service"], r.get("pid", 0), r.get("tid", 0), r["start_ns"], r["end_ns"],
                   r["end_ns"] - r["start_ns"], r.get("status", "unset"),
-                  r.get("kind", "internal"), json.dumps(r.get("attributes", {})),
-                  json.dumps(r["breakdown"]) if r.get("breakdown") is not None else None)
+                  r.get("kind", "internal"), json.dumps(r.get("attributes", {}), separators=_SEP),
+                  _pack_breakdown(r["breakdown"], r) if r.get("breakdown") is not None else None)
                  for r in rows])
 
     def insert_spans(self, rows: Sequence[tuple]) -> None:
@@ -531,7 +564,7 @@ class Store:
         for r in rows:
             d = dict(zip(keys, r[:12]))
             d["attributes"] = json.loads(r[12])
-            d["breakdown"] = json.loads(r[13]) if r[13] else None
+            d["breakdown"] = _unpack_breakdown(json.loads(r[13]), d) if r[13] else None
             out.append(d)
         return out
 

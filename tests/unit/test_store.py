@@ -76,3 +76,25 @@ def test_unwritable_store_is_a_clear_error():
     from agent.errors import SpanflameError
     with pytest.raises(SpanflameError, match="cannot use store"):
         Store("/proc/spanflame-store")
+
+
+def test_a_spans_breakdown_is_stored_small_and_read_back_whole(tmp_path):
+    """Spans are most of a store's bytes; their breakdowns repeated the row and every zero."""
+    import json
+    import sqlite3
+
+    from agent.spansummary import SpanBreakdown
+    b = SpanBreakdown("e" * 32, "f" * 16, "1" * 16, "checkout", "shop", 10, 11, 5 * S, 2 * S,
+                      "ok", cpu_ns=S, lock_ns=S // 2, unaccounted_ns=S // 2,
+                      top={"cpu": ["burn", "/srv/shop.py", 12, S]}, cause="50% on CPU in burn")
+    full = b.to_dict()
+    row = {"span_id": b.span_id, "trace_id": b.trace_id, "parent_span_id": b.parent_span_id,
+           "name": b.name, "service": b.service, "pid": 10, "tid": 11, "start_ns": 5 * S,
+           "end_ns": 7 * S, "status": "ok", "kind": "internal", "attributes": {},
+           "breakdown": full}
+    st = Store(tmp_path / "s")
+    st.add_spans([row])
+    assert st.span(b.span_id)["breakdown"] == full
+    stored = sqlite3.connect(tmp_path / "s" / "spanflame.db").execute(
+        "SELECT breakdown FROM spans").fetchone()[0]
+    assert len(stored) < 0.6 * len(json.dumps(full)), stored

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -89,6 +90,9 @@ Examples:
 @click.option("--insecure-no-auth", is_flag=True,
               help="Allow --otlp-listen beyond loopback (attach has no token: anyone reaching "
                    "it can send spans).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the summary as JSON on stdout (what was written, samples, stack "
+                   "source, waits, top functions by sample type, the slowest spans).")
 @click.option("-s", "--subprocesses", is_flag=True,
               help="Profile the process's Python descendants too, as they start (gunicorn, "
                    "uwsgi, celery, multiprocessing workers); samples carry their pid. Needs "
@@ -96,16 +100,17 @@ Examples:
 def attach(pid: int, duration: float, rate: int, sampler: str, output: str | None, probes: str,
            offcpu_threshold: float, otlp_listen: str | None, span_wait: float,
            gil_only: bool, spans_output: str | None, insecure_no_auth: bool,
-           subprocesses: bool = False) -> None:
+           subprocesses: bool = False, as_json: bool = False) -> None:
     """Profile the running Python process PID."""
     _profile(pid, None, duration, rate, sampler, output, probes, offcpu_threshold, otlp_listen,
-             span_wait, gil_only, spans_output, insecure_no_auth, subprocesses)
+             span_wait, gil_only, spans_output, insecure_no_auth, subprocesses, as_json)
 
 
 def _profile(pid: int, command: list[str] | None, duration: float, rate: int, sampler: str,
              output: str | None, probes: str, offcpu_threshold: float, otlp_listen: str | None,
              span_wait: float, gil_only: bool, spans_output: str | None,
-             insecure_no_auth: bool = False, subprocesses: bool = False) -> None:
+             insecure_no_auth: bool = False, subprocesses: bool = False,
+             as_json: bool = False) -> None:
     """attach (pid) or record (command): the options, the progress, the output, the summary."""
     import subprocess
 
@@ -125,7 +130,13 @@ def _profile(pid: int, command: list[str] | None, duration: float, rate: int, sa
     if output is None:
         name = pid if command is None else Path(command[0]).name.removesuffix(".py")
         output = f"spanflame-{name}-{time.strftime('%Y%m%dT%H%M%S')}.pb.gz"
-    check_writable(output)
+    to_stdout = output == "-"  # pprof on stdout, for a pipe; everything else to stderr
+    if to_stdout and as_json:
+        raise UsageError("-o - and --json both want stdout: give -o a file")
+    if to_stdout and sys.stdout.isatty():
+        raise UsageError("-o - writes a binary pprof: redirect stdout to a file or a pipe")
+    if not to_stdout:
+        check_writable(output)
     if spans_output:
         if not otlp_listen:
             raise UsageError("--spans-output needs --otlp-listen")
@@ -136,7 +147,9 @@ def _profile(pid: int, command: list[str] | None, duration: float, rate: int, sa
 
     def spawn() -> int:
         try:
-            child.append(subprocess.Popen(command))
+            # with -o - or --json, stdout is ours: the command's output goes to stderr
+            child.append(subprocess.Popen(command,
+                                          stdout=sys.stderr if to_stdout or as_json else None))
         except OSError as exc:
             raise UsageError(f"cannot run {command[0]}: {exc.strerror or exc}") from None
         return child[0].pid
@@ -185,31 +198,46 @@ def _profile(pid: int, command: list[str] | None, duration: float, rate: int, sa
         pid = child[0].pid
         # A recorded command is expected to exit: that ends the recording, nothing is partial.
         result.notes = [n for n in result.notes if not n.startswith("target exited after")]
-    size = write_profile(result.profile, output, title=_title(pid) if not command
-                         else " ".join(command)[:200], subtitle=_subtitle(result))
+    title = _title(pid) if not command else " ".join(command)[:200]
+    if to_stdout:
+        from agent.output import render
+        data = render(result.profile, "pprof", title=title, subtitle=_subtitle(result))
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        size = len(data)
+    else:
+        size = write_profile(result.profile, output, title=title, subtitle=_subtitle(result))
     if spans_output:
         from agent.output import write_atomic
         doc = {"pid": pid, "spans": [b.to_dict() for b in result.span_breakdowns]}
         write_atomic(spans_output, json.dumps(doc, indent=1).encode())
-    _summary(result, output, size)
-    if child:
-        rc = child[0].poll()
-        if rc is None:
-            click.echo(f"  {what}: still running after the recording (PID {pid})")
-        else:
-            click.echo(f"  {what}: exited with status {rc}")
+    rc = child[0].poll() if child else None
+    if as_json:
+        doc = _summary_json(result, output, size)
+        if child:
+            doc["command"] = {"pid": pid, "exit_status": rc}
+        click.echo(json.dumps(doc, indent=1))
+        return
+    with contextlib.redirect_stdout(sys.stderr) if to_stdout else contextlib.nullcontext():
+        _summary(result, "stdout" if to_stdout else output, size)
+        if child:
+            if rc is None:
+                click.echo(f"  {what}: still running after the recording (PID {pid})")
+            else:
+                click.echo(f"  {what}: exited with status {rc}")
 
 
 def _record(command: tuple[str, ...], duration: float | None, rate: int, sampler: str,
             output: str | None, probes: str, offcpu_threshold: float, otlp_listen: str | None,
             span_wait: float, gil_only: bool, spans_output: str | None,
-            insecure_no_auth: bool = False, subprocesses: bool = False) -> None:
+            insecure_no_auth: bool = False, subprocesses: bool = False,
+            as_json: bool = False) -> None:
     """Start COMMAND and profile it until it exits (or for --duration)."""
     if not command:
         raise UsageError("record needs a command to run: spanflame record -- python app.py")
     _profile(0, list(command), duration or 366 * 86400.0, rate, sampler, output, probes,
              offcpu_threshold, otlp_listen, span_wait, gil_only, spans_output, insecure_no_auth,
-             subprocesses)
+             subprocesses, as_json)
 
 
 def _record_command() -> click.Command:
@@ -316,8 +344,48 @@ def _summary(result, output: str, size: int) -> None:
             click.echo(f"    {100 * f.self_value / total:5.1f}%  {f.name}  {where}")
 
 
+def _summary_json(result, output: str, size: int) -> dict:
+    """The summary of attach/record --json."""
+    from dataclasses import asdict
+
+    from flamegraph.calltree import top_functions
+    from probes.session import is_loss
+    p = result.profile
+    top = {}
+    for t in [t.name for t in p.sample_types if t.name != "samples"]:
+        total = p.total(t)
+        if total:
+            fns = top_functions(((_python_part(s), v) for s, _l, v in p.iter_type(t)), 10)
+            top[t] = {"total": total, "unit": p.sample_types[p.index(t)].unit,
+                      "functions": [{"function": f.name, "file": f.filename, "line": f.line,
+                                     "share": round(f.self_value / total, 4)}
+                                    for f in fns if f.self_value]}
+    w = result.waits
+    return {
+        "output": output, "bytes": size, "elapsed_s": round(result.elapsed_s, 3),
+        "samples": p.total("samples") if p.has_type("samples") else 0,
+        "samples_taken": result.samples_taken, "sample_errors": result.sample_errors,
+        "threads": result.threads, "sampler": result.sampler,
+        "sampler_reason": result.sampler_reason, "source": result.source,
+        "notes": list(result.notes), "probes_on": list(result.probes_on),
+        "probes_off": dict(result.probes_off),
+        "waits": asdict(w) if w is not None else None,
+        "lost": {k: v for k, v in result.counters.items() if v and is_loss(k)},
+        "top": top,
+        "spans": None if not result.otlp_url else {
+            "received": result.spans_received, "unlinkable": result.spans_unlinkable,
+            "linked": len(result.span_breakdowns),
+            "slowest": [{"name": b.name, "span_id": b.span_id, "duration_ns": b.duration_ns,
+                         "cause": b.cause}
+                        for b in sorted(result.span_breakdowns,
+                                        key=lambda b: -b.duration_ns)[:20]]},
+    }
+
+
 def _next_step(output: str) -> str:
     """How to look at what was just written, by its format."""
+    if output == "stdout":
+        return "the pprof went to stdout (e.g. spanflame attach PID -o - > app.pb.gz)"
     from agent.output import output_format
     fmt = output_format(output)
     if fmt == "html":

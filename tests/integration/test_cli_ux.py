@@ -3,7 +3,9 @@ clear errors instead of silent empty results."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 
 import pytest
 
@@ -11,7 +13,8 @@ from agent import pprof
 from agent.cli import _next_step
 from agent.model import Frame, Profile, make_labels
 from agent.pyspy import permission_hint
-from tests.support import run_cli
+from tests.integration.test_run import spawn
+from tests.support import PROGRAMS, SPANFLAME, assert_go_pprof_reads, cli_env, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -179,3 +182,41 @@ def test_record_profiles_a_command_from_its_start_until_it_exits(tmp_path, sampl
 def test_record_without_a_command_is_a_usage_error():
     res = run_cli("record")
     assert res.returncode == 2 and "Try 'spanflame record -h' for help." in res.stderr
+
+
+def test_attach_writes_pprof_to_stdout_with_dash_and_the_summary_to_stderr(tmp_path):
+    proc, info = spawn(PROGRAMS / "cpu_split.py", "--duration", "30", "--report",
+                       tmp_path / "r.json")
+    try:
+        res = subprocess.run([str(SPANFLAME), "attach", str(info["pid"]), "-d", "2", "-o", "-"],
+                             capture_output=True, timeout=120, env=cli_env())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert res.returncode == 0, res.stderr
+    (tmp_path / "out.pb.gz").write_bytes(res.stdout)
+    assert_go_pprof_reads(tmp_path / "out.pb.gz")
+    names = {f.name for s, _l, _v in pprof.decode(res.stdout).iter_type("cpu") for f in s}
+    assert "heavy_a" in names, names
+    assert b"top Python functions by cpu" in res.stderr and b"wrote stdout" in res.stderr
+
+
+def test_attach_json_summary_is_machine_readable(tmp_path):
+    proc, info = spawn(PROGRAMS / "cpu_split.py", "--duration", "30", "--report",
+                       tmp_path / "r.json")
+    try:
+        res = subprocess.run([str(SPANFLAME), "attach", str(info["pid"]), "-d", "2", "--json",
+                              "-o", str(tmp_path / "a.pb.gz")], capture_output=True, text=True,
+                             timeout=120, env=cli_env())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["output"] == str(tmp_path / "a.pb.gz") and doc["bytes"] > 0
+    assert doc["samples"] > 0 and doc["threads"] >= 2
+    fns = {f["function"]: f["share"] for f in doc["top"]["cpu"]["functions"]}
+    assert fns.get("heavy_a", 0) > fns.get("light_a", 0) > 0, fns  # 3:1 by its own measure
+    bad = subprocess.run([str(SPANFLAME), "attach", str(info["pid"]), "--json", "-o", "-"],
+                         capture_output=True, text=True, timeout=60, env=cli_env())
+    assert bad.returncode == 2 and "both want stdout" in bad.stderr, bad.stderr

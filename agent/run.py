@@ -233,6 +233,7 @@ class Pipeline:
         self._thread = threading.Thread(target=self._run, name="spanflame-pipeline", daemon=True)
         self.max_pending = 2000
         self.dropped = 0
+        self._building = 0
 
     def start(self) -> "Pipeline":
         self._thread.start()
@@ -247,8 +248,9 @@ class Pipeline:
             self._jobs.append(job)
 
     def pending(self) -> int:
+        """Windows not stored yet: queued, and the one being built."""
         with self._lock:
-            return len(self._jobs)
+            return len(self._jobs) + self._building
 
     def _ready(self, job: WindowJob, now: float) -> bool:
         """A window waits for its spans: until the app has sent a span that started after the
@@ -280,6 +282,7 @@ class Pipeline:
             with self._lock:
                 ready = [j for j in self._jobs if self._ready(j, now)]
                 self._jobs = [j for j in self._jobs if j not in ready]
+                self._building = len(ready)
             for job in ready:
                 try:
                     self.agent.build_window(job)
@@ -289,6 +292,9 @@ class Pipeline:
                 except Exception:  # loop edge: one bad window must not stop the agent
                     log.exception("building window of PID %d failed", job.target.pid)
                     self.agent.metrics.windows.labels(result="failed").inc()
+                finally:
+                    with self._lock:
+                        self._building -= 1
             if ready:
                 self.agent.after_round()
 

@@ -495,6 +495,20 @@ class Store:
         rows = self._con().execute(q + " WHERE " + " AND ".join(where), args).fetchall()
         return sorted(r[0] for r in rows)
 
+    def first_start(self, *, start_ns: int, end_ns: int, type_name: str,
+                    service: str | None = None, pid: int | None = None) -> int | None:
+        """When the first profile of the type in [start_ns, end_ns) starts; None if none."""
+        q = "SELECT MIN(start_ns) FROM profiles WHERE type = ? AND start_ns >= ? AND start_ns < ?"
+        args: list = [type_name, start_ns, end_ns]
+        if service is not None:
+            q += " AND service = ?"
+            args.append(service)
+        if pid is not None:
+            q += " AND pid = ?"
+            args.append(pid)
+        row = self._con().execute(q, args).fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
     def timeline(self, *, start_ns: int, end_ns: int, type_name: str, buckets: int = 60,
                  service: str | None = None, pid: int | None = None) -> list[list[int]]:
         """[bucket start ns, total value] over the range: activity over time without decoding."""

@@ -394,12 +394,21 @@ def ui_routes(agent) -> list[Route]:
             service = text(q, "service")
         except BadRequest as exc:
             return PlainTextResponse(f"{exc}\n", status_code=400)
+        requested = start
+        if q.get("clip", "1") != "0":
+            # A range reaching back before the first data (an agent up for minutes, "last
+            # 24 h"): the bars start at the first data, not squeezed against the right edge.
+            first = await run_in_threadpool(agent.store.first_start, start_ns=start,
+                                            end_ns=end, type_name=t, service=service, pid=pid)
+            if first is not None and first > start:
+                start = max(start, first - (end - first) // max(1, buckets - 1))
         pts = await run_in_threadpool(agent.store.timeline, start_ns=start, end_ns=end,
                                       type_name=t, buckets=buckets,
                                       service=service, pid=pid)
         st = SAMPLE_TYPES.get(t)
         unit = st.unit if st is not None else "count"
         return JSONResponse({"type": t, "unit": unit, "from": start / 1e9, "until": end / 1e9,
+                             "requested_from": requested / 1e9, "clipped": start != requested,
                              "points": [[a / 1e9, v] for a, v in pts]})
 
     async def api_span(request: Request) -> Response:

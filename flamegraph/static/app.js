@@ -367,7 +367,8 @@
         t.setAttribute('text-anchor', anchor); t.setAttribute('class', 'sf-tl-label');
         t.textContent = text; svg.appendChild(t);
       };
-      lab(2, fmtTime(tl.from), 'start');
+      lab(2, fmtTime(tl.from) + (tl.clipped ? ' · first data (nothing before it in the range)' : ''), 'start');
+      if (tl.clipped) svg.setAttribute('data-clipped', '1');
       lab(W - 2, fmtTime(tl.until), 'end');
       var sel = document.createElementNS(NS, 'rect');
       sel.setAttribute('class', 'sf-tl-sel'); sel.setAttribute('y', '0'); sel.setAttribute('height', String(H - 12));

@@ -291,6 +291,27 @@ def test_compare_with_other_spans_of_the_same_name(page, shop):
     page.screenshot(path=str(ARTIFACTS / "ui-compare.png"), full_page=True)
 
 
+def test_a_long_range_on_a_young_agent_starts_its_timeline_at_the_first_data(page, shop):
+    """'Last 24 h' on an agent up for a minute: the bars spread over the data, not two bars
+    at the right edge."""
+    open_page(page, f"{shop['url']}/explore?service=shop&type=cpu&range=24h")
+    page.wait_for_selector("rect.sf-tl-bar", state="attached")
+    heights = page.eval_on_selector_all(
+        "rect.sf-tl-bar", "rs => rs.map(r => parseFloat(r.getAttribute('height')))")
+    first = next(i for i, h in enumerate(heights) if h > 0)
+    assert first <= 0.1 * len(heights), (first, len(heights))
+    assert page.locator("svg.sf-timeline-svg[data-clipped='1']").count() == 1
+    assert "first data" in page.locator("text.sf-tl-label").first.text_content()
+    # the API says what it did
+    r = httpx.get(f"{shop['url']}/api/timeline", params={"type": "cpu", "service": "shop",
+                                                         "from": time.time() - 86400}).json()
+    assert r["clipped"] and r["from"] > r["requested_from"] + 3600
+    off = httpx.get(f"{shop['url']}/api/timeline", params={"type": "cpu", "service": "shop",
+                                                           "from": time.time() - 86400,
+                                                           "clip": "0"}).json()
+    assert not off["clipped"]
+
+
 def test_explore_timeline_label_filters_and_downloads(page, shop, tmp_path):
     open_page(page, f"{shop['url']}/explore?service=shop&type=cpu&range=15m")
     assert page.locator("rect.sf-tl-bar").count() == 120

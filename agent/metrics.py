@@ -82,6 +82,13 @@ class Metrics:
         self.store_full = Counter(f"{NS}_store_disk_full",
                                   "writes refused because the store's disk is full",
                                   registry=r)
+        self.store_compacted = Counter(f"{NS}_store_compacted",
+                                       "window profiles merged into per-minute ones",
+                                       registry=r)
+        self.store_spans_thinned = Counter(f"{NS}_store_spans_thinned",
+                                           "spans older than an hour deleted, not among the "
+                                           "slowest of their name and minute (nor their traces)",
+                                           registry=r)
         self.store_deleted = Counter(f"{NS}_store_deleted", "profiles deleted by retention",
                                      registry=r)
         self.probe_drops = Gauge(f"{NS}_probe_drops", "eBPF probe drops and errors, by kind",

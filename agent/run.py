@@ -78,6 +78,9 @@ class RunOptions:
     cpu_budget: float = 0.01
     span_wait_s: float = 30.0
     scan_s: float = 2.0
+    #: window profiles older than this are merged into one per series and minute, and spans
+    #: thinned to the slowest of each name and minute (with their traces) and errors
+    compact_after_s: float = 3600.0
     #: processes with more threads than this are sampled with py-spy --gil (the thread holding
     #: the GIL only): py-spy reads every thread's stack at every sample otherwise, which costs
     #: about a third of a core for 150 threads at 19 Hz on these machines
@@ -528,6 +531,18 @@ class Agent:
                         deleted = 0
                     if deleted:
                         self.metrics.store_deleted.inc(deleted)
+                    # Older than compact_after_s: windows merged into one profile per minute;
+                    # spans thinned to the slowest of each name and minute, with their traces.
+                    old_ns = time.time_ns() - int(self.opts.compact_after_s * 1e9)
+                    try:
+                        merged = self.store.compact(old_ns)
+                        thinned = sum(self.store.thin_spans(old_ns) for _ in range(6))
+                    except StoreFull:
+                        merged = thinned = 0
+                    if merged:
+                        self.metrics.store_compacted.inc(merged)
+                    if thinned:
+                        self.metrics.store_spans_thinned.inc(thinned)
                     self.metrics.store_profile_bytes.set(self.store.data_bytes())
                 self._span_metrics()
             except Exception:  # loop edge

@@ -186,6 +186,10 @@ class Store:
         self._write_lock = threading.Lock()
         self.writes = 0
         self.deleted = 0
+        self.compacted = 0
+        self.spans_thinned = 0
+        self._thinned_until: int | None = None
+        self._kept_traces: set[str] = set()
         #: why the last write failed for a full disk (None once a write succeeds)
         self.full: str | None = None
         self.full_errors = 0
@@ -701,6 +705,108 @@ class Store:
         if deleted:
             self.full = None
         return deleted
+
+    def compact(self, before_ns: int, bucket_s: float = 60.0, max_groups: int = 200) -> int:
+        """Merge the agent's window profiles that ended before `before_ns` into one profile per
+        series and `bucket_s` (aligned), the span links moving with them: half the bytes of
+        10 s windows (measured: bench/store_growth.py), and fewer rows to scan. At most
+        `max_groups` merges per call (the caller comes back). Returns profiles merged away."""
+        bucket = int(bucket_s * 1e9)
+        con = self._con()
+        rows = con.execute(
+            "SELECT id, start_ns, end_ns, type, service, pid, labels, source FROM profiles "
+            "WHERE source = 'agent' AND end_ns < ? AND end_ns - start_ns < ? "
+            "ORDER BY start_ns LIMIT ?", (before_ns, bucket, 50 * max_groups)).fetchall()
+        groups: dict[tuple, list] = {}
+        for r in rows:
+            if r[1] // bucket != (r[2] - 1) // bucket:
+                continue  # straddles two buckets: left as it is
+            groups.setdefault((r[3], r[4], r[5], r[6], r[1] // bucket), []).append(r)
+        merged_away = 0
+        for (type_name, service, pid, labels, _b), members in list(groups.items())[:max_groups]:
+            if len(members) < 2:
+                continue
+            ids = [m[0] for m in members]
+            prof = None
+            for m in members:
+                blob = self.blob(m[0])
+                if blob is None:
+                    continue
+                try:
+                    p = pprof.decode(blob)
+                except Exception:  # stored by us, so not expected; kept as it is
+                    log.warning("store %s: profile %d unreadable, not compacted", self.dir, m[0])
+                    prof = None
+                    break
+                if prof is None:
+                    prof = p
+                else:
+                    prof.merge(p)
+            if prof is None:
+                continue
+            prof.time_ns = min(m[1] for m in members)
+            prof.duration_ns = max(m[2] for m in members) - prof.time_ns
+            data = pprof.encode(prof)
+            marks = ",".join("?" * len(ids))
+            with self._txn(con):
+                cur = con.execute(
+                    "INSERT INTO profiles(start_ns, end_ns, type, service, pid, labels, source, "
+                    "size, total) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (prof.time_ns, prof.time_ns + prof.duration_ns, type_name, service, pid,
+                     labels, "agent", len(data),
+                     prof.total(type_name) if prof.has_type(type_name) else 0))
+                new = cur.lastrowid
+                con.execute("INSERT INTO blobs(id, data) VALUES (?, ?)", (new, data))
+                con.execute("INSERT INTO profile_spans(span_id, trace_id, profile_id) "
+                            f"SELECT DISTINCT span_id, trace_id, ? FROM profile_spans "
+                            f"WHERE profile_id IN ({marks})", [new, *ids])
+                con.execute(f"DELETE FROM profiles WHERE id IN ({marks})", ids)
+                con.execute(f"DELETE FROM blobs WHERE id IN ({marks})", ids)
+                con.execute(f"DELETE FROM profile_spans WHERE profile_id IN ({marks})", ids)
+            merged_away += len(ids) - 1
+        self.compacted += merged_away
+        return merged_away
+
+    def thin_spans(self, before_ns: int, keep: int = 10, slice_s: float = 600.0) -> int:
+        """Spans that started before `before_ns` keep only what the slow-span views and traces
+        need: per service, span name and minute the `keep` slowest, every error, and every span
+        of their traces. One `slice_s` slice per call, oldest first (the caller comes back).
+        Spans are most of a store's bytes (an app sending 7 spans/s: 417 MB a day); this keeps
+        about 1 in 40 of such an app's. Returns spans deleted."""
+        con = self._con()
+        if self._thinned_until is None:
+            row = con.execute("SELECT MIN(start_ns) FROM spans").fetchone()
+            if row is None or row[0] is None:
+                return 0
+            self._thinned_until = int(row[0])
+        lo = self._thinned_until
+        hi = min(before_ns, lo + int(slice_s * 1e9))
+        if hi <= lo:
+            return 0
+        rows = con.execute("SELECT span_id, trace_id, service, name, start_ns, duration_ns, "
+                           "status FROM spans WHERE start_ns >= ? AND start_ns < ?",
+                           (lo, hi)).fetchall()
+        buckets: dict[tuple, list] = {}
+        traces = set(self._kept_traces)
+        for r in rows:
+            if r[6] == "error":
+                traces.add(r[1])
+            buckets.setdefault((r[2], r[3], r[4] // 60_000_000_000), []).append(r)
+        for group in buckets.values():
+            group.sort(key=lambda r: -r[5])
+            traces.update(r[1] for r in group[:keep])
+        gone = [r[0] for r in rows if r[1] not in traces]
+        for i in range(0, len(gone), 500):
+            chunk = gone[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            with self._txn(con):
+                con.execute(f"DELETE FROM spans WHERE span_id IN ({marks})", chunk)
+                con.execute(f"DELETE FROM profile_spans WHERE span_id IN ({marks})", chunk)
+        # a trace crossing into the next slice keeps its spans there too
+        self._kept_traces = {r[1] for r in rows if r[1] in traces and r[4] >= hi - 60 * 10**9}
+        self._thinned_until = hi
+        self.spans_thinned += len(gone)
+        return len(gone)
 
     def _delete_profiles(self, con: sqlite3.Connection, ids: list[int]) -> int:
         for i in range(0, len(ids), 500):

@@ -98,3 +98,61 @@ def test_a_spans_breakdown_is_stored_small_and_read_back_whole(tmp_path):
     stored = sqlite3.connect(tmp_path / "s" / "spanflame.db").execute(
         "SELECT breakdown FROM spans").fetchone()[0]
     assert len(stored) < 0.6 * len(json.dumps(full)), stored
+
+
+def test_compaction_merges_a_minute_of_windows_per_series_keeping_totals_and_span_links(tmp_path):
+    st = Store(tmp_path / "s")
+    t0 = 6_000 * S  # a minute boundary
+    for i in range(6):  # six 10 s windows of one series, each with its own span
+        st.add_profile(prof(t0 + i * 10 * S, i + 1, span=f"{i:016x}"), type_name="cpu",
+                       service="web", pid=1, labels={"service_name": "web"},
+                       spans=[(f"{i:016x}", "a" * 32)])
+    st.add_profile(prof(t0, 100, thread="x"), type_name="cpu", service="db", pid=2,
+                   labels={"service_name": "db"})
+    st.add_profile(prof(t0 + 55 * S, 1000), type_name="cpu", service="web", pid=1,
+                   labels={"service_name": "web"})  # across the minute's end: left alone
+    before = st.merged(st.find(start_ns=0, end_ns=t0 * 2, type_name="cpu"))
+    assert st.compact(before_ns=t0 + 120 * S) == 5
+    rows = st.find(start_ns=0, end_ns=t0 * 2, type_name="cpu")
+    assert len(rows) == 3
+    web = [r for r in rows if r.service == "web" and r.end_ns - r.start_ns == 60 * S]
+    assert len(web) == 1 and web[0].start_ns == t0
+    after = st.merged(rows)
+    assert after.total("cpu") == before.total("cpu") == 21 + 100 + 1000
+    for i in range(6):  # every span still finds its samples
+        found = st.find(start_ns=0, end_ns=t0 * 2, type_name="cpu", span_id=f"{i:016x}")
+        assert [r.id for r in found] == [web[0].id]
+        assert st.merged(found, sample_labels={"span_id": f"{i:016x}"}).total("cpu") == i + 1
+    assert st.compact(before_ns=t0 + 120 * S) == 0  # nothing left to merge
+    assert st.compact(before_ns=t0) == 0             # nothing old enough
+
+
+def test_old_spans_are_thinned_to_the_slowest_of_each_name_and_minute_with_their_traces(tmp_path):
+    st = Store(tmp_path / "s")
+    t0 = 6_000 * S
+    rows = []
+    for i in range(30):  # 30 requests in one minute, each its own trace
+        rows.append({"span_id": f"{i:016x}", "trace_id": f"{i:032x}", "name": "GET /",
+                     "service": "web", "start_ns": t0 + i * S, "end_ns": t0 + i * S + i * 10**6})
+        rows.append({"span_id": f"{i + 100:016x}", "trace_id": f"{i:032x}", "name": "db",
+                     "parent_span_id": f"{i:016x}", "service": "web",
+                     "start_ns": t0 + i * S, "end_ns": t0 + i * S + 10**5 + i})
+    rows.append({"span_id": "e" * 16, "trace_id": "e" * 32, "name": "GET /", "service": "web",
+                 "status": "error", "start_ns": t0 + 30 * S, "end_ns": t0 + 30 * S + 1})
+    st.add_spans(rows)
+    assert st.thin_spans(before_ns=t0) == 0                    # nothing old enough
+    deleted = 0
+    while True:
+        n = st.thin_spans(before_ns=t0 + 3600 * S)
+        deleted += n
+        if st._thinned_until >= t0 + 3600 * S:
+            break
+    kept = st.slow_spans(start_ns=0, end_ns=t0 * 2, name="GET /", limit=1000)
+    assert sorted(int(s["span_id"], 16) for s in kept if s["status"] != "error") == \
+        list(range(20, 30))                                  # the ten slowest
+    assert any(s["span_id"] == "e" * 16 for s in kept)       # and the error
+    for s in kept:                                           # each with its whole trace
+        if s["status"] != "error":
+            assert {x["name"] for x in st.trace(s["trace_id"])} == {"GET /", "db"}
+    assert deleted == st.spans_thinned == 40                   # of 61: 10 + 10 + 1 kept
+    assert len(st.slow_spans(start_ns=0, end_ns=t0 * 2, limit=1000)) == 21

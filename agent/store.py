@@ -796,12 +796,7 @@ class Store:
             group.sort(key=lambda r: -r[5])
             traces.update(r[1] for r in group[:keep])
         gone = [r[0] for r in rows if r[1] not in traces]
-        for i in range(0, len(gone), 500):
-            chunk = gone[i:i + 500]
-            marks = ",".join("?" * len(chunk))
-            with self._txn(con):
-                con.execute(f"DELETE FROM spans WHERE span_id IN ({marks})", chunk)
-                con.execute(f"DELETE FROM profile_spans WHERE span_id IN ({marks})", chunk)
+        self._delete_where_in(con, gone, "spans", "span_id", "profile_spans", "span_id")
         # a trace crossing into the next slice keeps its spans there too
         self._kept_traces = {r[1] for r in rows if r[1] in traces and r[4] >= hi - 60 * 10**9}
         self._thinned_until = hi
@@ -809,14 +804,20 @@ class Store:
         return len(gone)
 
     def _delete_profiles(self, con: sqlite3.Connection, ids: list[int]) -> int:
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
+        self._delete_where_in(con, ids, "profiles", "id", "blobs", "id",
+                              "profile_spans", "profile_id")
+        return len(ids)
+
+    def _delete_where_in(self, con: sqlite3.Connection, keys: list, *table_columns: str) -> None:
+        """DELETE FROM table WHERE column IN keys, for each (table, column) pair given, 500 keys
+        to a transaction."""
+        pairs = list(zip(table_columns[::2], table_columns[1::2]))
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
             marks = ",".join("?" * len(chunk))
             with self._txn(con):
-                con.execute(f"DELETE FROM profiles WHERE id IN ({marks})", chunk)
-                con.execute(f"DELETE FROM blobs WHERE id IN ({marks})", chunk)
-                con.execute(f"DELETE FROM profile_spans WHERE profile_id IN ({marks})", chunk)
-        return len(ids)
+                for table, column in pairs:
+                    con.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", chunk)
 
     def _give_back(self, con: sqlite3.Connection) -> None:
         """Free pages back to the filesystem, and the WAL truncated (both count on disk)."""

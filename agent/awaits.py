@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MAX_TASKS = 512            # per process and poll; more are counted and left for the next poll
 MAX_OBSERVATIONS = 200_000  # held per process between prunes
+MAX_POLLS = 3_000           # open-task sets kept per process (5 min at 10 polls/s)
 WANT_S = 60.0              # a process is polled this long after its last span in a task
 IDLE_S = 0.25              # ... then this often while its registry is empty (a poll of an
 #                            empty one: ~36 us; requests after a lull are seen within 0.25 s)
@@ -151,6 +152,15 @@ class AwaitPoller:
         for pid in list(self._procs):
             self.unwatch(pid)
 
+    def _record_open(self, pid: int, t_ns: int, tasks) -> None:
+        """One poll's tasks with open spans, for settled_at; bounded (attach and record never
+        prune)."""
+        with self._lock:
+            polls = self._open.setdefault(pid, [])
+            polls.append((t_ns, frozenset(tasks)))
+            if len(polls) > MAX_POLLS:
+                del polls[:len(polls) - MAX_POLLS]
+
     def settled_at(self, pid: int, t_ns: int) -> int | None:
         """When every task that had an open span at `t_ns` had ended it: the first poll after
         `t_ns` at which none of the tasks open at the first poll after `t_ns` is still open.
@@ -225,8 +235,7 @@ class AwaitPoller:
         with ProcessMemory(proc.pid) as mem:
             tasks = pyasync.active_tasks(proc, mem)
             if tasks.present:
-                with self._lock:
-                    self._open.setdefault(proc.pid, []).append((now, frozenset(tasks)))
+                self._record_open(proc.pid, now, tasks)
             if len(tasks) > MAX_TASKS:
                 self.dropped += len(tasks) - MAX_TASKS
                 tasks = tasks[:MAX_TASKS]

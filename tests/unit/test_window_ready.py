@@ -39,3 +39,15 @@ def test_a_process_without_tasks_or_not_polled_does_not_wait():
     assert p.settled_at(PID + 1, 100) == 100   # not watched (py-spy source, or exited)
     p = poller([(110, set())])
     assert p.settled_at(PID, 100) == 110       # ... spans that ended before 110: come first
+
+
+def test_the_open_task_history_is_bounded_without_prunes():
+    """attach and record never prune: a long recording of a busy asyncio app must not grow."""
+    import agent.awaits as awaits
+    p = AwaitPoller()
+    p._procs[PID] = (None, None)
+    for i in range(awaits.MAX_POLLS + 500):
+        p._record_open(PID, i, [1, 2, i])
+    assert len(p._open[PID]) == awaits.MAX_POLLS
+    assert p._open[PID][-1] == (awaits.MAX_POLLS + 499, frozenset({1, 2, awaits.MAX_POLLS + 499}))
+    assert p.settled_at(PID, awaits.MAX_POLLS + 400) is None  # 1 and 2 never ended

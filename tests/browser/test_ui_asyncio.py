@@ -58,7 +58,7 @@ def asyncio_shop(tmp_path_factory):
                 not _spans(agent.url, "lock_request"):
             assert time.time() < deadline, "windows were not stored"
             time.sleep(1)
-        yield {"url": agent.url}
+        yield {"url": agent.url, "truth": json.loads((d / "truth.json").read_text())["spans"]}
     finally:
         if load is not None:
             load.stop()
@@ -75,18 +75,36 @@ def _spans(url: str, name: str) -> list[dict]:
 
 
 def test_each_request_awaits_in_its_own_function(page, asyncio_shop):
+    truth = asyncio_shop["truth"]
     for name, pattern in OWN.items():
         page.goto(f"{asyncio_shop['url']}/spans?range=15m&name={name}")
         page.wait_for_selector("body[data-ready='1']", timeout=30_000)
-        causes = page.locator("tr.sf-span-row:not(.sf-pending) .sf-cause").all_inner_texts()
-        assert len(causes) >= 20, (name, causes)
+        rows = page.locator("tr.sf-span-row:not(.sf-pending)")
+        ids = rows.evaluate_all("rs => rs.map(r => r.dataset.spanId)")
+        all_causes = rows.locator(".sf-cause").all_inner_texts()
         pending = page.locator("tr.sf-span-row.sf-pending .sf-cause").all_inner_texts()
         assert all(c.startswith("no profile linked (yet)") for c in pending), pending
+        # What the app measured decides what each span's cause must be: a request that awaited
+        # most of its time names its own await; one that found the lock free (it measured no
+        # wait) was on CPU, and its cause must say so.
+        causes, on_cpu = [], []
+        for sid, c in zip(ids, all_causes):
+            t = truth.get(sid)
+            if t is None:
+                continue
+            wall = t["end"] - t["start"]
+            if t["awaited_ns"] >= 0.6 * wall:
+                causes.append(c)
+            elif t["awaited_ns"] <= 0.2 * wall:
+                on_cpu.append(c)
+        print(f"{name}: {len(causes)} spans awaited most of their time, {len(on_cpu)} were on CPU")
+        assert len(causes) >= 20, (name, causes)
+        assert all(re.match(r"^\d+% on CPU", c) for c in on_cpu), (name, on_cpu)
         own = [c for c in causes if re.match(pattern, c)]
         assert len(own) >= 0.95 * len(causes), (name, len(own), len(causes), "not its own:",
                                                  [c for c in causes if not re.match(pattern, c)])
         own_fn = pattern.split(" in ")[1].split(" ")[0]
-        wrong = [c for c in causes if any(f" in {o} " in c for o in OTHERS if o != own_fn)]
+        wrong = [c for c in all_causes if any(f" in {o} " in c for o in OTHERS if o != own_fn)]
         assert not wrong, (name, wrong)
     page.screenshot(path=str(ARTIFACTS / "ui-asyncio-spans.png"), full_page=True)
     assert not page.errors, page.errors

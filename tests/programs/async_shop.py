@@ -9,9 +9,10 @@ Three kinds of request, each handled in its own span, started inside the request
   /lock      span `lock_request`:     take_lock() awaits an asyncio.Lock that a holder task keeps
              most of the time, then works ~3 ms under it (locked_work())
 
-Ground truth: every span's id, kind, start and end, and the CPU its synchronous part measured
+Ground truth: every span's id, kind, start and end, the CPU its synchronous part measured
 (cpu_work times itself with the thread's CPU clock; it never awaits, so nothing else runs
-meanwhile) go to REPORT as {"spans": {span_id: {...}}} at exit.
+meanwhile) and the time it awaited the upstream or the lock (`awaited_ns`; 0 for a lock request
+that found the lock free) go to REPORT as {"spans": {span_id: {...}}} at exit.
 
 Usage: async_shop.py ENDPOINT REPORT [--seconds S]
 Prints {"pid", "port"} when ready; serves S seconds; flushes its spans; writes REPORT; exits.
@@ -62,21 +63,30 @@ def locked_work() -> int:
 
 
 async def fetch_upstream() -> int:
+    """The time it awaited (connect and reply), in ns."""
+    t0 = time.perf_counter_ns()
     reader, writer = await asyncio.open_connection("127.0.0.1", UPSTREAM_PORT)
     writer.write(b"ping\n")
     data = await reader.readline()  # AS-UPSTREAM
+    waited = time.perf_counter_ns() - t0
     writer.close()
-    return parse_reply(data)
+    parse_reply(data)
+    return waited
 
 
 async def take_lock() -> int:
+    """The time it awaited the lock, in ns (0 when it found the lock free)."""
+    t0 = time.perf_counter_ns()
     async with lock:  # AS-LOCK
-        return locked_work()
+        waited = time.perf_counter_ns() - t0
+        locked_work()
+    return waited
 
 
-def record(span, kind: str, t0: int, cpu_ns: int = 0) -> None:
+def record(span, kind: str, t0: int, cpu_ns: int = 0, awaited_ns: int = 0) -> None:
     sid = format(span.get_span_context().span_id, "016x")
-    truth[sid] = {"kind": kind, "start": t0, "end": time.time_ns(), "cpu_ns": cpu_ns}
+    truth[sid] = {"kind": kind, "start": t0, "end": time.time_ns(), "cpu_ns": cpu_ns,
+                  "awaited_ns": awaited_ns}
 
 
 async def handle_cpu(request):
@@ -91,16 +101,16 @@ async def handle_cpu(request):
 async def handle_upstream(request):
     with tracer.start_as_current_span("upstream_request") as span:
         t0 = time.time_ns()
-        await fetch_upstream()
-        record(span, "upstream_request", t0)
+        awaited = await fetch_upstream()
+        record(span, "upstream_request", t0, awaited_ns=awaited)
     return web.Response(text="ok")
 
 
 async def handle_lock(request):
     with tracer.start_as_current_span("lock_request") as span:
         t0 = time.time_ns()
-        await take_lock()
-        record(span, "lock_request", t0)
+        awaited = await take_lock()
+        record(span, "lock_request", t0, awaited_ns=awaited)
     return web.Response(text="ok")
 
 
